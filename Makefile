@@ -1,0 +1,39 @@
+# adapterd: two commands on a fresh machine, `make serve` and `make test`.
+VENV    ?= .venv
+PY      := $(VENV)/bin/python
+PIP     := $(PY) -m pip
+STAMP   := $(VENV)/.installed
+# The local CPU wheel on machines without CUDA; any other torch spec would download CUDA packages.
+TORCH_SPEC ?= torch==2.13.0
+PROTOS  := $(wildcard protos/adapterd_api/v1/*.proto)
+
+.PHONY: setup serve test lint proto bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	@# Reuse a torch that is already there (system site or venv); else take the pinned wheel.
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q "$(TORCH_SPEC)"
+	$(PIP) install -q -e ".[server,dev]"
+	touch $(STAMP)
+
+serve: setup
+	$(VENV)/bin/adapterd serve $(ARGS)
+
+test: setup
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+lint: setup
+	$(VENV)/bin/ruff check server clients tests bench
+
+proto: setup
+	$(PY) -m grpc_tools.protoc -Iprotos --python_out=clients --grpc_python_out=clients \
+		--mypy_out=clients --mypy_grpc_out=clients $(PROTOS)
+
+bench: setup
+	$(PY) bench/engine.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

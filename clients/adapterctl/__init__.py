@@ -1,0 +1,1 @@
+"""adapterctl: the client library and CLI for adapterd. Needs no torch."""

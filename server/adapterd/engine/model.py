@@ -1,0 +1,111 @@
+"""Base model loading: any local Hugging Face causal-LM directory, in NF4 with double
+quantization through bitsandbytes.
+
+Compute dtype: bf16 on a GPU, float32 on the CPU (the bitsandbytes CPU path is checked in
+float32), overridable.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from adapterd.errors import InvalidArgument
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What adapters are checked against: the base model's identity and its linear layers."""
+
+    name: str  # the directory's name, or the model's _name_or_path
+    identity: str  # sha256 of config.json: two bases with the same shapes still differ
+    model_type: str
+    # module path (as in the base model, e.g. "model.layers.0.self_attn.q_proj") -> (in, out)
+    linear_shapes: dict[str, tuple[int, int]]
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def default_compute_dtype(device: torch.device) -> torch.dtype:
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def parse_dtype(name: str | None, device: torch.device) -> torch.dtype:
+    if not name or name == "auto":
+        return default_compute_dtype(device)
+    if name not in DTYPES:
+        raise InvalidArgument(f"--compute-dtype must be one of auto, {', '.join(DTYPES)}; got {name!r}")
+    return DTYPES[name]
+
+
+def load_base_model(
+    path: str | Path,
+    *,
+    device: torch.device | None = None,
+    compute_dtype: torch.dtype | None = None,
+    quantize: bool = True,
+):
+    """Load `path` (a local HF directory) as NF4 + double quantization. Returns
+    (model, tokenizer, spec). `quantize=False` keeps full precision (tests, references)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise InvalidArgument(f"--base-model {path}: not a Hugging Face model directory (no config.json)")
+    device = device or default_device()
+    compute_dtype = compute_dtype or default_compute_dtype(device)
+    kwargs: dict = {"dtype": compute_dtype, "device_map": {"": str(device)}}
+    if quantize:
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute_dtype,
+        )
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    model.eval()
+    model.requires_grad_(False)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    spec = model_spec(model, path)
+    log.info(
+        "base model %s loaded: %s, %s, %s, %.1f MiB",
+        path, "nf4+double-quant" if quantize else "full precision", compute_dtype,
+        device, model.get_memory_footprint() / 2**20,
+    )
+    return model, tokenizer, spec
+
+
+def model_spec(model, path: Path) -> ModelSpec:
+    config_bytes = (Path(path) / "config.json").read_bytes()
+    shapes = {}
+    for name, module in model.named_modules():
+        shape = linear_shape(module)
+        if shape is not None and not name.endswith("lm_head"):
+            shapes[name] = shape
+    cfg = json.loads(config_bytes)
+    return ModelSpec(
+        name=cfg.get("_name_or_path") or Path(path).name,
+        identity=hashlib.sha256(config_bytes).hexdigest(),
+        model_type=cfg.get("model_type", "unknown"),
+        linear_shapes=shapes,
+    )
+
+
+def linear_shape(module) -> tuple[int, int] | None:
+    """(in_features, out_features) of an nn.Linear or a bitsandbytes Linear4bit, else None."""
+    if isinstance(module, torch.nn.Linear):  # bnb.nn.Linear4bit subclasses nn.Linear
+        return module.in_features, module.out_features
+    return None
