@@ -16,7 +16,7 @@ from pathlib import Path
 
 # Special tokens after the 256 byte tokens. Their ids are fixed: 256.. in this order.
 SPECIAL_TOKENS = ["<|pad|>", "<|bos|>", "<|eos|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
-VOCAB_SIZE = 320  # 256 bytes + 7 specials, padded to a multiple of 32 for the kernels
+VOCAB_SIZE = 256 + len(SPECIAL_TOKENS)  # byte tokens + specials: no id the tokenizer cannot decode
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}"

@@ -1,0 +1,197 @@
+"""Generation over a mixed-adapter batch, with the operations continuous batching needs.
+
+    add(group)  prefill the group in one forward (left-padded), choose first tokens, merge
+                its KV cache into the running batch, keep rows sorted by adapter slot
+    step()      one decode step for every running row; finished rows are dropped
+    abort(ids)  drop rows now (cancelled calls, expired deadlines)
+
+One thread owns a Generator (the engine loop); nothing here is thread-safe.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+
+import torch
+
+from adapterd.engine.batch import KVBatch
+from adapterd.engine.lora import LoraSlots
+from adapterd.engine.sampling import RowSampler, SamplingParams, choose_tokens
+from adapterd.engine.text import TextStream
+
+
+@dataclass
+class Request:
+    id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    slot: int = 0  # 0 = base model
+
+
+@dataclass
+class TokenEvent:
+    request_id: str
+    token_id: int | None
+    text: str  # newly printable text
+    logprob: float | None
+    finished: bool
+    finish_reason: str | None  # "length" | "stop" | "eos"
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass
+class _Row:
+    request: Request
+    sampler: RowSampler
+    text: TextStream
+    position: int  # position id of the newest token; the chosen token is fed at position + 1
+    last_token: int = -1
+    completion: int = 0
+    finished: bool = field(default=False)
+
+
+class Generator:
+    def __init__(self, model, tokenizer, slots: LoraSlots, *, eos_token_ids: set[int] | None = None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.slots = slots
+        self.device = next(model.parameters()).device
+        self.eos = eos_token_ids if eos_token_ids is not None else _eos_ids(model, tokenizer)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.rows: list[_Row] = []
+        self.kv: KVBatch | None = None
+        self._keep_kw = (
+            {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+        )
+
+    @property
+    def num_running(self) -> int:
+        return len(self.rows)
+
+    @property
+    def running_ids(self) -> list[str]:
+        return [r.request.id for r in self.rows]
+
+    @torch.inference_mode()
+    def add(self, requests: list[Request]) -> list[TokenEvent]:
+        """Prefill `requests` as one group and merge them into the running batch."""
+        if not requests:
+            return []
+        group = sorted(requests, key=lambda r: r.slot)
+        ids, mask = self._left_pad([r.prompt_ids for r in group])  # (G, L), (G, L)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (G, L)
+        self.slots.set_batch([r.slot for r in group])
+        out = self.model(
+            input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **self._keep_kw
+        )
+        rows = [
+            _Row(r, RowSampler(r.params, r.prompt_ids, self.device), TextStream(self.tokenizer, r.params.stop), len(r.prompt_ids) - 1)
+            for r in group
+        ]
+        events = self._choose(out.logits[:, -1], rows)  # logits (G, V)
+        group_kv = KVBatch(out.past_key_values, mask)
+        if self.kv is None or not self.rows:
+            self.kv, self.rows = group_kv, rows
+        else:
+            self.kv.concat(group_kv)
+            self.rows = self.rows + rows
+        self._compact(resort=True)
+        return events
+
+    @torch.inference_mode()
+    def step(self) -> list[TokenEvent]:
+        """One decode step over the running batch."""
+        if not self.rows:
+            return []
+        self.slots.set_batch([r.request.slot for r in self.rows])
+        mask = self.kv.append_step()  # (B, L + 1)
+        ids = torch.tensor([[r.last_token] for r in self.rows], device=self.device)  # (B, 1)
+        positions = torch.tensor([[r.position] for r in self.rows], device=self.device)  # (B, 1)
+        out = self.model(
+            input_ids=ids, attention_mask=mask, position_ids=positions,
+            past_key_values=self.kv.cache, use_cache=True,
+        )
+        events = self._choose(out.logits[:, -1], self.rows)  # logits (B, V)
+        self._compact(resort=False)
+        return events
+
+    def abort(self, request_ids) -> list[str]:
+        """Drop the rows of `request_ids` now; returns the ids that were running."""
+        wanted = set(request_ids)
+        hit = [r.request.id for r in self.rows if r.request.id in wanted]
+        for r in self.rows:
+            if r.request.id in wanted:
+                r.finished = True
+        if hit:
+            self._compact(resort=False)
+        return hit
+
+    def abort_all(self) -> list[str]:
+        """Drop every row (after a failed forward, the batch state cannot be trusted)."""
+        ids = self.running_ids
+        self.rows, self.kv = [], None
+        return ids
+
+    def _choose(self, logits: torch.Tensor, rows: list[_Row]) -> list[TokenEvent]:
+        tokens, logprobs = choose_tokens(logits, [r.sampler for r in rows])
+        return [
+            self._advance(row, tok, logprobs[i] if logprobs is not None and row.request.params.logprobs else None)
+            for i, (row, tok) in enumerate(zip(rows, tokens))
+        ]
+
+    def _advance(self, row: _Row, token: int, logprob: float | None) -> TokenEvent:
+        row.completion += 1
+        row.last_token = token
+        params = row.request.params
+        reason = None
+        if token in self.eos:
+            text, reason = row.text.flush(), "eos"
+        else:
+            text, stopped = row.text.push(token)
+            if stopped:
+                reason = "stop"
+            elif row.completion >= params.max_new_tokens:
+                text, reason = text + row.text.flush(), "length"
+        if reason is None:
+            row.position += 1
+        row.finished = reason is not None
+        return TokenEvent(
+            row.request.id, token, text, logprob, row.finished, reason,
+            len(row.request.prompt_ids), row.completion,
+        )
+
+    def _compact(self, resort: bool) -> None:
+        """Drop finished rows; after a merge, re-sort the rows by adapter slot."""
+        order = list(range(len(self.rows)))
+        if resort:
+            order.sort(key=lambda i: self.rows[i].request.slot)  # stable: keeps arrival order per slot
+        keep = [i for i in order if not self.rows[i].finished]
+        if keep == list(range(len(self.rows))):
+            return
+        if not keep:
+            self.rows, self.kv = [], None
+            return
+        self.kv.select(torch.tensor(keep, device=self.device))
+        self.rows = [self.rows[i] for i in keep]
+
+    def _left_pad(self, prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        length = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), length), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(prompts), length), dtype=torch.long)
+        for i, p in enumerate(prompts):
+            ids[i, length - len(p) :] = torch.tensor(p, dtype=torch.long)
+            mask[i, length - len(p) :] = 1
+        return ids.to(self.device), mask.to(self.device)
+
+
+def _eos_ids(model, tokenizer) -> set[int]:
+    ids = set()
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for value in (gen_eos, tokenizer.eos_token_id):
+        if isinstance(value, int):
+            ids.add(value)
+        elif value:
+            ids.update(value)
+    return ids
