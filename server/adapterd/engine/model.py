@@ -80,6 +80,8 @@ def load_base_model(
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     spec = model_spec(model, path)
+    if quantize:
+        _warn_unquantized(model)
     log.info(
         "base model %s loaded: %s, %s, %s, %.1f MiB",
         path, "nf4+double-quant" if quantize else "full precision", compute_dtype,
@@ -109,3 +111,13 @@ def linear_shape(module) -> tuple[int, int] | None:
     if isinstance(module, torch.nn.Linear):  # bnb.nn.Linear4bit subclasses nn.Linear
         return module.in_features, module.out_features
     return None
+
+
+def _warn_unquantized(model) -> None:
+    # transformers quantizes only modules whose type is exactly nn.Linear; subclasses such as
+    # FalconLinear stay in the compute dtype. Say so rather than claim NF4.
+    left = [n for n, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and not hasattr(m.weight, "quant_state") and not n.endswith("lm_head")]
+    if left:
+        log.warning("%d linear layers were not quantized by transformers (e.g. %s, %s); they run in the compute dtype",
+                    len(left), left[0], type(model.get_submodule(left[0])).__name__)

@@ -1,0 +1,77 @@
+"""Request checks against the server's limits, before anything is queued.
+
+Each failure is an InvalidArgument whose message names the field, the value and the limit,
+so the caller knows what to change. The checks here are the whole contract: the engine
+below assumes requests that passed them.
+"""
+
+from __future__ import annotations
+
+import math
+
+from adapterd.config import SchedulerConfig
+from adapterd.engine.sampling import SamplingParams
+from adapterd.errors import InvalidArgument
+
+
+def check_prompt(prompt: str, prompt_tokens: int, limits: SchedulerConfig) -> None:
+    if not prompt:
+        raise InvalidArgument("prompt must not be empty")
+    if prompt_tokens > limits.max_input_tokens:
+        raise InvalidArgument(
+            f"prompt is {prompt_tokens} tokens, over the server's max input tokens "
+            f"({limits.max_input_tokens}): shorten the prompt"
+        )
+
+
+def sampling_params(
+    *,
+    prompt_tokens: int,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float | None,
+    top_k: int,
+    repetition_penalty: float | None,
+    seed: int | None,
+    stop: list[str] | tuple[str, ...],
+    logprobs: bool,
+    limits: SchedulerConfig,
+) -> SamplingParams:
+    """Check the generation parameters; None means "not set" (the default)."""
+    if max_new_tokens < 1:
+        raise InvalidArgument(f"params.max_new_tokens must be >= 1; got {max_new_tokens}")
+    total = prompt_tokens + max_new_tokens
+    if total > limits.max_total_tokens:
+        room = limits.max_total_tokens - prompt_tokens
+        raise InvalidArgument(
+            f"prompt ({prompt_tokens} tokens) + params.max_new_tokens ({max_new_tokens}) = {total}, "
+            f"over the server's max total tokens ({limits.max_total_tokens}): "
+            f"set params.max_new_tokens to at most {room}"
+        )
+    if not (temperature >= 0 and math.isfinite(temperature)):  # also refuses NaN
+        raise InvalidArgument(f"params.temperature must be >= 0 (0 = greedy); got {temperature}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise InvalidArgument(f"params.top_p must be in (0, 1]; got {top_p}")
+    if repetition_penalty is not None and not (repetition_penalty > 0 and math.isfinite(repetition_penalty)):
+        raise InvalidArgument(f"params.repetition_penalty must be > 0 (1 = none); got {repetition_penalty}")
+    if len(stop) > limits.max_stop_sequences:
+        raise InvalidArgument(
+            f"params.stop has {len(stop)} sequences; at most {limits.max_stop_sequences} are allowed"
+        )
+    for i, s in enumerate(stop):
+        if not s:
+            raise InvalidArgument(f"params.stop[{i}] is empty")
+        if len(s) > limits.max_stop_length:
+            raise InvalidArgument(
+                f"params.stop[{i}] is {len(s)} characters; at most {limits.max_stop_length} are allowed"
+            )
+    return SamplingParams(
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=1.0 if top_p is None else top_p,
+        top_k=top_k,
+        repetition_penalty=1.0 if repetition_penalty is None else repetition_penalty,
+        seed=seed,
+        stop=tuple(stop),
+        logprobs=logprobs,
+    )

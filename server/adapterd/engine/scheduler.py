@@ -1,0 +1,140 @@
+"""Admission: which waiting requests join the running batch at the next step boundary.
+
+Policy, in order of priority:
+  1. a request that has waited `max_wait` or longer (oldest first): nothing starves;
+  2. requests for the base model or an adapter already in a slot: no copy needed;
+  3. requests whose adapter is in the CPU tier, while a slot is free or evictable.
+A request whose adapter is still loading waits without holding anything up. When an
+overdue request needs a slot and every slot is pinned by running rows, admission of other
+adapters stops until a slot frees (rows finish within max_new_tokens steps), so its wait
+stays bounded.
+
+Runs on the engine thread only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from adapterd.errors import AdapterdError
+from adapterd.registry.cache import AdapterCache, ResolvedAdapter
+
+
+@dataclass(eq=False)
+class Submission:
+    """A request from the time it is queued until its last event."""
+
+    id: str
+    adapter: ResolvedAdapter | None  # None = base model
+    prompt_ids: list[int]
+    params: object  # SamplingParams
+    arrival: float  # monotonic seconds
+    deadline: float | None  # monotonic seconds
+    sink: object  # where the loop delivers events (see loop.py)
+    slot: int = 0
+    pinned: bool = field(default=False)
+
+    @property
+    def key(self) -> str | None:
+        return self.adapter.key if self.adapter is not None else None
+
+
+class Scheduler:
+    def __init__(self, cache: AdapterCache, max_wait_s: float):
+        self.cache = cache
+        self.max_wait_s = max_wait_s
+        self.waiting: list[Submission] = []  # arrival order
+
+    def __len__(self) -> int:
+        return len(self.waiting)
+
+    def add(self, sub: Submission) -> None:
+        self.waiting.append(sub)
+
+    def take(self, predicate) -> list[Submission]:
+        """Remove and return the waiting requests that match."""
+        hit = [s for s in self.waiting if predicate(s)]
+        if hit:
+            self.waiting = [s for s in self.waiting if not predicate(s)]
+        return hit
+
+    def prepare(self) -> list[tuple[Submission, AdapterdError]]:
+        """Collect finished loads, start the loads waiting requests need. Returns the
+        requests whose adapter failed to load, removed from the queue, with their error."""
+        wanted = {s.key for s in self.waiting if s.key is not None}
+        self.cache.poll(wanted)
+        failed: list[tuple[Submission, AdapterdError]] = []
+        keep = []
+        for s in self.waiting:
+            err = self.cache.failure(s.key) if s.key is not None else None
+            if err is not None:
+                failed.append((s, err))
+                continue
+            keep.append(s)
+            if s.adapter is not None and self.cache.slot_of(s.key) is None and not self.cache.is_ready(s.key):
+                self.cache.ensure_loading(s.adapter)
+        self.waiting = keep
+        return failed
+
+    def admit(self, now: float, free_rows: int) -> tuple[list[Submission], list[tuple[Submission, AdapterdError]]]:
+        """Pick up to `free_rows` requests, copying adapters into slots as needed, and pin
+        them. Returns (admitted, failed): an adapter can still fail at its slot copy."""
+        if free_rows <= 0 or not self.waiting:
+            return [], []
+        overdue = [s for s in self.waiting if now - s.arrival >= self.max_wait_s]
+        resident = [s for s in self.waiting if s.key is None or self.cache.slot_of(s.key) is not None]
+        order = _unique(overdue + resident + self.waiting)
+        admitted: list[Submission] = []
+        failed: list[tuple[Submission, AdapterdError]] = []
+        draining = False  # an overdue request waits for a pinned slot to free
+        for s in order:
+            if len(admitted) == free_rows:
+                break
+            if s.key is None:
+                admitted.append(s)
+                continue
+            slot = self.cache.slot_of(s.key)
+            if slot is None:
+                if draining or not self.cache.is_ready(s.key):
+                    continue
+                if not self.cache.can_activate():
+                    draining = draining or now - s.arrival >= self.max_wait_s
+                    continue
+                try:
+                    slot = self.cache.activate(s.adapter)
+                except AdapterdError as e:
+                    failed.append((s, e))
+                    continue
+            elif draining and self.cache.pinned(s.key) == 0:
+                continue  # resident but idle: leave it evictable for the overdue request
+            elif draining:
+                continue
+            s.slot = slot
+            self.cache.pin(s.key)
+            s.pinned = True
+            admitted.append(s)
+        done = {id(s) for s in admitted} | {id(s) for s, _ in failed}
+        if done:
+            self.waiting = [s for s in self.waiting if id(s) not in done]
+        return admitted, failed
+
+    def release(self, sub: Submission) -> None:
+        """The request left the batch: its adapter may be evicted once nobody uses it."""
+        if sub.pinned:
+            self.cache.unpin(sub.key)
+            sub.pinned = False
+
+    def next_timer(self) -> float | None:
+        """The earliest deadline of a waiting request (monotonic), if any."""
+        deadlines = [s.deadline for s in self.waiting if s.deadline is not None]
+        return min(deadlines) if deadlines else None
+
+
+def _unique(subs: list[Submission]) -> list[Submission]:
+    seen: set[int] = set()
+    out = []
+    for s in subs:
+        if id(s) not in seen:
+            seen.add(id(s))
+            out.append(s)
+    return out

@@ -1,0 +1,258 @@
+"""The adapter cache: where an adapter's weights are between the registry and a batch row.
+
+    resolve (RPC handler)      load (thread pool)         activate (engine thread)
+    ref -> key + loader  ───►  files -> AdapterWeights ─► CPU tier ──copy──► accelerator slot
+                               (read, check; off the       (LRU by        (LRU, pinned while
+                                decode step path)           count, bytes)  a request uses it)
+
+Entries are keyed by a content identity (the directory resolver uses the files' stat; the
+registry uses the sha256 of the files), so a changed adapter is a new entry, never a stale
+hit. Every method except the loaders runs on the engine thread, which is what makes the
+single flight simple: only that thread starts loads, and it starts one per key.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections import Counter, OrderedDict
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from adapterd import errors
+from adapterd.config import CacheConfig
+
+log = logging.getLogger(__name__)
+
+NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
+
+# loader(spec, max_rank) -> AdapterWeights; runs in the cache's thread pool.
+Loader = Callable[..., object]
+
+
+@dataclass(frozen=True)
+class ResolvedAdapter:
+    key: str  # content identity: equal keys mean equal weights
+    name: str  # what served the request, reported back: "name" or "name@version"
+    load: Loader = field(compare=False)
+
+
+class Resolver(Protocol):
+    def resolve(self, tenant: str, ref: str) -> ResolvedAdapter:
+        """Raise NotFound for an adapter the tenant cannot see, InvalidArgument for a bad ref."""
+
+
+class DirectoryResolver:
+    """Before the registry: an adapter NAME is the PEFT directory ROOT/NAME."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+
+    def resolve(self, tenant: str, ref: str) -> ResolvedAdapter:
+        owner, _, rest = ref.rpartition("/")
+        name, _, version = rest.partition("@")
+        if owner and owner != tenant:
+            raise errors.NotFound(f"adapter {ref!r} not found")
+        if not NAME_RE.fullmatch(name):
+            raise errors.InvalidArgument(
+                f"adapter {ref!r}: a name is 1-64 of a-z, 0-9, '.', '_', '-', starting with a letter or digit"
+            )
+        if version:
+            raise errors.NotFound(f"adapter {ref!r} not found: this server serves adapters by name only (no versions)")
+        path = self.root / name
+        config = path / "adapter_config.json"
+        try:
+            identity = [_stat_identity(config)]
+        except FileNotFoundError:
+            raise errors.NotFound(f"adapter {name!r} not found (no {config})") from None
+        try:
+            identity.append(_stat_identity(path / "adapter_model.safetensors"))
+        except FileNotFoundError:
+            identity.append("-")  # the load says what is missing
+        return ResolvedAdapter(
+            key=f"dir:{path.resolve()}:{':'.join(identity)}",
+            name=name,
+            load=lambda spec, max_rank: _read_adapter(path, spec, max_rank, name),
+        )
+
+
+def _stat_identity(path: Path) -> str:
+    st = path.stat()
+    return f"{st.st_size}.{st.st_mtime_ns}.{st.st_ino}"
+
+
+def _read_adapter(path: Path, spec, max_rank: int, name: str):
+    from adapterd.registry.validate import read_adapter
+
+    return read_adapter(path, spec, max_rank, name=name)
+
+
+def weights_nbytes(weights) -> int:
+    return sum(a.nbytes + b.nbytes for a, b in weights.tensors.values())
+
+
+@dataclass
+class CacheStats:
+    loads: int = 0  # loads started (the single-flight test counts these)
+    load_failures: int = 0
+    slot_copies: int = 0
+    gpu_evictions: int = 0
+    cpu_evictions: int = 0
+
+
+@dataclass
+class _Failure:
+    error: errors.AdapterdError
+    until: float  # monotonic time after which a new request may try again
+
+
+class AdapterCache:
+    """Accelerator slots (`slots`, a LoraSlots) plus a CPU tier. Engine thread only, except
+    `on_load_done`, which the pool calls when a load ends (to wake the engine)."""
+
+    def __init__(self, slots, spec, config: CacheConfig, *, on_load_done: Callable[[], None] = lambda: None):
+        self.slots = slots
+        self.spec = spec
+        self.config = config
+        self.stats = CacheStats()
+        self._on_load_done = on_load_done
+        self._pool = ThreadPoolExecutor(config.load_workers, thread_name_prefix="adapter-load")
+        self._free = list(range(slots.num_slots - 1, 0, -1))  # slot 0 is the base model
+        self._resident: OrderedDict[str, int] = OrderedDict()  # key -> slot, least recent first
+        self._pins: Counter[str] = Counter()
+        self._cpu: OrderedDict[str, tuple[object, int]] = OrderedDict()  # key -> (weights, bytes)
+        self._cpu_bytes = 0
+        self._loading: dict[str, tuple[ResolvedAdapter, Future]] = {}
+        self._failed: dict[str, _Failure] = {}
+
+    # --- what the scheduler asks -------------------------------------------------------
+
+    def slot_of(self, key: str) -> int | None:
+        return self._resident.get(key)
+
+    def is_ready(self, key: str) -> bool:
+        """Weights in the CPU tier: one slot copy away from serving."""
+        return key in self._cpu
+
+    def failure(self, key: str) -> errors.AdapterdError | None:
+        f = self._failed.get(key)
+        if f is None:
+            return None
+        if time.monotonic() >= f.until:
+            del self._failed[key]
+            return None
+        return f.error
+
+    def can_activate(self) -> bool:
+        return bool(self._free) or any(self._pins[k] == 0 for k in self._resident)
+
+    @property
+    def resident_keys(self) -> list[str]:
+        return list(self._resident)
+
+    # --- loads, off the step path -------------------------------------------------------
+
+    def ensure_loading(self, adapter: ResolvedAdapter) -> None:
+        """Start loading `adapter` unless it is resident, in the CPU tier, loading, or failed
+        recently. At most one load per key is ever in flight."""
+        key = adapter.key
+        if key in self._resident or key in self._cpu or key in self._loading or self.failure(key):
+            return
+        self.stats.loads += 1
+        future = self._pool.submit(adapter.load, self.spec, self.slots.max_rank)
+        self._loading[key] = (adapter, future)
+        future.add_done_callback(lambda _: self._on_load_done())
+
+    def poll(self, wanted: set[str] = frozenset()) -> list[str]:
+        """Move finished loads into the CPU tier. Returns the keys whose load failed (see
+        `failure`). CPU entries in `wanted` (requests wait for them) are evicted last."""
+        failed = []
+        for key, (adapter, future) in list(self._loading.items()):
+            if not future.done():
+                continue
+            del self._loading[key]
+            try:
+                weights = future.result()
+            except Exception as e:  # noqa: BLE001 - every failure becomes the requests' error
+                self._fail(key, adapter.name, e)
+                failed.append(key)
+                continue
+            self._cpu_put(key, weights, wanted)
+        return failed
+
+    # --- slots, on the engine thread between steps --------------------------------------
+
+    def activate(self, adapter: ResolvedAdapter) -> int:
+        """Copy a CPU-tier adapter into a slot (free, else the least recently used one no
+        request uses). The caller checked `is_ready` and `can_activate`."""
+        key = adapter.key
+        weights, _ = self._cpu[key]
+        self._cpu.move_to_end(key)
+        slot = self._take_slot()
+        try:
+            self.slots.load(slot, weights)
+        except Exception as e:  # noqa: BLE001 - e.g. a module the server cannot batch
+            self.slots.unload(slot)
+            self._free.append(slot)
+            self._cpu_drop(key)
+            raise self._fail(key, adapter.name, e) from e
+        self.stats.slot_copies += 1
+        self._resident[key] = slot
+        return slot
+
+    def pin(self, key: str) -> None:
+        self._pins[key] += 1
+        self._resident.move_to_end(key)
+
+    def unpin(self, key: str) -> None:
+        self._pins[key] -= 1
+        if self._pins[key] <= 0:
+            del self._pins[key]
+
+    def pinned(self, key: str) -> int:
+        return self._pins[key]
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    # --- internals ---------------------------------------------------------------------
+
+    def _take_slot(self) -> int:
+        if self._free:
+            return self._free.pop()
+        victim = next(k for k in self._resident if self._pins[k] == 0)
+        self.stats.gpu_evictions += 1
+        return self._resident.pop(victim)
+
+    def _cpu_put(self, key: str, weights, wanted: set[str]) -> None:
+        size = weights_nbytes(weights)
+        self._cpu[key] = (weights, size)
+        self._cpu_bytes += size
+        limit_n, limit_b = self.config.cpu_adapters, self.config.cpu_bytes
+        # Evict least recent first; entries requests are waiting for go only if nothing else can.
+        for protect in (True, False):
+            for victim in list(self._cpu):
+                if len(self._cpu) <= limit_n and self._cpu_bytes <= limit_b:
+                    return
+                if victim == key or (protect and victim in wanted):
+                    continue
+                self._cpu_drop(victim)
+                self.stats.cpu_evictions += 1
+
+    def _cpu_drop(self, key: str) -> None:
+        _, size = self._cpu.pop(key, (None, 0))
+        self._cpu_bytes -= size
+
+    def _fail(self, key: str, name: str, e: BaseException) -> errors.AdapterdError:
+        if isinstance(e, errors.AdapterdError):
+            err = type(e)(f"adapter {name!r} could not be loaded: {e}")
+        else:
+            err = errors.FailedPrecondition(f"adapter {name!r} could not be loaded: {type(e).__name__}: {e}")
+        log.warning("%s", err)
+        self.stats.load_failures += 1
+        self._failed[key] = _Failure(err, time.monotonic() + self.config.failed_load_ttl_s)
+        return err

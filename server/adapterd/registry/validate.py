@@ -1,0 +1,160 @@
+"""Adapter checks against the served base model, and loading the weights for the engine.
+
+The rules that need no tensor values (names, adapter_config.json, the safetensors header,
+shapes against the base) live in adapterctl.adapter_check so the client applies the same
+ones before an upload; this module translates its errors into adapterd's typed errors and
+then loads the tensors, which are checked once more for non-finite values. Nothing is
+partially loaded: any failure raises before an AdapterWeights exists.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from adapterctl import adapter_check as check
+
+from adapterd import errors
+from adapterd.engine.model import ModelSpec
+
+# One to one: the client's check errors -> the server's typed errors (gRPC codes).
+_ERRORS: dict[type[check.CheckError], type[errors.AdapterdError]] = {
+    check.InvalidName: errors.InvalidArgument,
+    check.PickledWeights: errors.PickledWeights,
+    check.UnsupportedAdapter: errors.UnsupportedAdapter,
+    check.CorruptSafetensors: errors.CorruptSafetensors,
+    check.UnknownTargetModule: errors.UnknownTargetModule,
+    check.InvalidAdapter: errors.InvalidAdapter,
+    check.AdapterMismatch: errors.AdapterMismatch,
+    check.AdapterTooLarge: errors.AdapterTooLarge,
+}
+
+
+def translate(e: check.CheckError) -> errors.AdapterdError:
+    """The adapterd error for a check error (most specific class first)."""
+    for cls in type(e).__mro__:
+        if cls in _ERRORS:
+            return _ERRORS[cls](str(e))
+    return errors.InvalidArgument(str(e))
+
+
+@dataclass
+class AdapterWeights:
+    """A checked LoRA adapter, ready to be copied into a slot.
+
+    tensors: base module path -> (A (r, in), B (out, r)), float32 on the CPU.
+    The forward is base(x) + scaling * (x @ A.T) @ B.T.
+    """
+
+    name: str
+    sha256: str  # adapter_digest of the files: the content identity caches key by
+    rank: int
+    alpha: float
+    scaling: float
+    target_modules: list[str]
+    tensors: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    nbytes: int  # size of the files
+    config: dict = field(repr=False)
+
+    @property
+    def identity(self) -> str:
+        return self.sha256
+
+
+def validate_adapter_files(
+    config_bytes: bytes,
+    weights: bytes | memoryview | Path,
+    spec: ModelSpec | None,
+    max_rank: int | None,
+    *,
+    max_bytes: int | None = None,
+) -> check.CheckedAdapter:
+    """Every check short of loading tensor values; raises adapterd typed errors.
+    `spec=None` skips the base-model fit (shapes, modules)."""
+    try:
+        return check.check_adapter(
+            config_bytes,
+            weights,
+            linear_shapes=spec.linear_shapes if spec is not None else None,
+            max_rank=max_rank,
+            max_bytes=max_bytes,
+        )
+    except check.CheckError as e:
+        raise translate(e) from e
+
+
+def load_adapter_files(
+    config_bytes: bytes,
+    weights: bytes | memoryview | Path,
+    spec: ModelSpec,
+    max_rank: int | None,
+    *,
+    name: str = "",
+    sha256: str | None = None,
+    max_bytes: int | None = None,
+) -> AdapterWeights:
+    """Check, then load the tensors as float32 CPU (A, B) pairs keyed by module path."""
+    checked = validate_adapter_files(config_bytes, weights, spec, max_rank, max_bytes=max_bytes)
+    raw = _load_tensors(weights)
+    tensors = {}
+    for path, mod in checked.modules.items():
+        # copy=True: never keep a view of a memory-mapped file that storage could change.
+        a = raw[mod.a_key].to(torch.float32, copy=True).contiguous()  # (r, in)
+        b = raw[mod.b_key].to(torch.float32, copy=True).contiguous()  # (out, r)
+        for key, t in ((mod.a_key, a), (mod.b_key, b)):
+            if not torch.isfinite(t).all():
+                raise errors.InvalidAdapter(f"tensor {key!r} holds NaN or infinite values")
+        tensors[path] = (a, b)
+    if sha256 is None:
+        sha256 = _digest(config_bytes, weights)
+    s = checked.settings
+    return AdapterWeights(
+        name=name,
+        sha256=sha256,
+        rank=s.rank,
+        alpha=s.alpha,
+        scaling=s.scaling,
+        target_modules=checked.target_modules,
+        tensors=tensors,
+        nbytes=checked.nbytes,
+        config=s.raw,
+    )
+
+
+def read_adapter(
+    path: Path,
+    spec: ModelSpec,
+    max_rank: int | None,
+    *,
+    name: str = "",
+    sha256: str | None = None,
+    max_bytes: int | None = None,
+) -> AdapterWeights:
+    """Load a PEFT adapter directory (adapter_config.json + adapter_model.safetensors).
+    `sha256`, when the caller already verified the files against it, is taken as is."""
+    try:
+        config_bytes, weights = check.read_adapter_dir(Path(path))
+    except check.CheckError as e:
+        raise translate(e) from e
+    return load_adapter_files(
+        config_bytes, weights, spec, max_rank, name=name or Path(path).name, sha256=sha256, max_bytes=max_bytes
+    )
+
+
+def _load_tensors(weights: bytes | memoryview | Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load, load_file
+
+    try:
+        if isinstance(weights, (str, Path)):
+            return load_file(str(weights), device="cpu")
+        return load(bytes(weights))
+    except (SafetensorError, ValueError, RuntimeError) as e:  # the header check should catch all
+        raise errors.CorruptSafetensors(f"{check.WEIGHTS_FILE} could not be read: {e}") from e
+
+
+def _digest(config_bytes: bytes, weights: bytes | memoryview | Path) -> str:
+    w = check.sha256_file(weights) if isinstance(weights, (str, Path)) else hashlib.sha256(weights).hexdigest()
+    return check.adapter_digest({check.CONFIG_FILE: hashlib.sha256(config_bytes).hexdigest(), check.WEIGHTS_FILE: w})
