@@ -28,8 +28,11 @@ test: setup
 lint: setup
 	$(VENV)/bin/ruff check server clients tests bench
 
+# The mypy plugins live in the venv's bin, which need not be on PATH: name them.
 proto: setup
 	$(PY) -m grpc_tools.protoc -Iprotos --python_out=clients --grpc_python_out=clients \
+		--plugin=protoc-gen-mypy=$(VENV)/bin/protoc-gen-mypy \
+		--plugin=protoc-gen-mypy_grpc=$(VENV)/bin/protoc-gen-mypy_grpc \
 		--mypy_out=clients --mypy_grpc_out=clients $(PROTOS)
 
 bench: setup

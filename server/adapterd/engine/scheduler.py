@@ -14,6 +14,7 @@ Runs on the engine thread only.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from adapterd.errors import AdapterdError
@@ -33,6 +34,7 @@ class Submission:
     sink: object  # where the loop delivers events (see loop.py)
     slot: int = 0
     pinned: bool = field(default=False)
+    on_start: Callable[[], None] | None = None  # called on the engine thread at admission
 
     @property
     def key(self) -> str | None:
@@ -105,10 +107,8 @@ class Scheduler:
                 except AdapterdError as e:
                     failed.append((s, e))
                     continue
-            elif draining and self.cache.pinned(s.key) == 0:
-                continue  # resident but idle: leave it evictable for the overdue request
             elif draining:
-                continue
+                continue  # pinning it again would keep the overdue request's slot from freeing
             s.slot = slot
             self.cache.pin(s.key)
             s.pinned = True

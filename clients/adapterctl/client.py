@@ -1,0 +1,115 @@
+"""The adapterd client library: a channel to the server and one method per RPC used here.
+
+Needs only grpcio and protobuf (no torch, no grpcio-health-checking): the standard health
+messages are built from their descriptor in a private pool below.
+
+    with Client("localhost:50051") as c:
+        print(c.generate("hello", adapter="support-bot", max_new_tokens=32).text)
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+
+import grpc
+from adapterd_api.v1 import inference_pb2 as pb
+from adapterd_api.v1 import inference_pb2_grpc as pb_grpc
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+
+DEFAULT_ADDR = "localhost:50051"
+ADDR_ENV = "ADAPTERD_ADDR"
+
+
+def default_addr() -> str:
+    return os.environ.get(ADDR_ENV) or DEFAULT_ADDR
+
+
+class Client:
+    """One channel to adapterd. `credentials` (TLS) and `metadata` (e.g. a bearer token)
+    apply to every call."""
+
+    def __init__(
+        self,
+        addr: str | None = None,
+        *,
+        credentials: grpc.ChannelCredentials | None = None,
+        metadata: Sequence[tuple[str, str]] = (),
+        timeout: float | None = None,
+    ):
+        self.addr = addr or default_addr()
+        self.metadata = tuple(metadata)
+        self.timeout = timeout
+        if credentials is None:
+            self.channel = grpc.insecure_channel(self.addr)
+        else:
+            self.channel = grpc.secure_channel(self.addr, credentials)
+        self.inference = pb_grpc.InferenceStub(self.channel)
+
+    @classmethod
+    def from_args(cls, args) -> Client:
+        """A client from adapterctl's connection flags (--addr, --timeout)."""
+        return cls(args.addr or default_addr(), timeout=args.timeout)
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _call_kwargs(self) -> dict:
+        return {"metadata": self.metadata, "timeout": self.timeout}
+
+    def generate(self, prompt: str, *, adapter: str = "", **params) -> pb.GenerateResponse:
+        """`params` are GenerationParams fields (max_new_tokens, temperature, top_p, ...)."""
+        return self.inference.Generate(request(prompt, adapter, **params), **self._call_kwargs())
+
+    def generate_stream(self, prompt: str, *, adapter: str = "", **params) -> Iterator[pb.GenerateStreamResponse]:
+        """Iterate the messages as the server sends them; cancel() the iterator to stop early."""
+        return self.inference.GenerateStream(request(prompt, adapter, **params), **self._call_kwargs())
+
+    def health(self, service: str = "") -> str:
+        """The serving status name of `service` ("" = the whole server): SERVING, NOT_SERVING, ..."""
+        check = self.channel.unary_unary(
+            "/grpc.health.v1.Health/Check",
+            request_serializer=_HealthCheckRequest.SerializeToString,
+            response_deserializer=_HealthCheckResponse.FromString,
+        )
+        response = check(_HealthCheckRequest(service=service), **self._call_kwargs())
+        return _SERVING_STATUS.values_by_number[response.status].name
+
+
+def request(prompt: str, adapter: str = "", **params) -> pb.GenerateRequest:
+    params = {k: v for k, v in params.items() if v is not None}
+    return pb.GenerateRequest(adapter=adapter, prompt=prompt, params=pb.GenerationParams(**params))
+
+
+def _health_messages():
+    """grpc.health.v1 HealthCheckRequest/Response, from a descriptor in a private pool (so
+    it never clashes with grpc_health's own module when both are loaded)."""
+    f = descriptor_pb2.FileDescriptorProto(name="adapterctl/health.proto", package="grpc.health.v1", syntax="proto3")
+    req = f.message_type.add(name="HealthCheckRequest")
+    req.field.add(name="service", number=1, type=descriptor_pb2.FieldDescriptorProto.TYPE_STRING,
+                  label=descriptor_pb2.FieldDescriptorProto.LABEL_OPTIONAL)
+    resp = f.message_type.add(name="HealthCheckResponse")
+    status = resp.enum_type.add(name="ServingStatus")
+    for number, name in enumerate(("UNKNOWN", "SERVING", "NOT_SERVING", "SERVICE_UNKNOWN")):
+        status.value.add(name=name, number=number)
+    resp.field.add(name="status", number=1, type=descriptor_pb2.FieldDescriptorProto.TYPE_ENUM,
+                   type_name=".grpc.health.v1.HealthCheckResponse.ServingStatus",
+                   label=descriptor_pb2.FieldDescriptorProto.LABEL_OPTIONAL)
+    pool = descriptor_pool.DescriptorPool()
+    pool.Add(f)
+    req_desc = pool.FindMessageTypeByName("grpc.health.v1.HealthCheckRequest")
+    resp_desc = pool.FindMessageTypeByName("grpc.health.v1.HealthCheckResponse")
+    return (
+        message_factory.GetMessageClass(req_desc),
+        message_factory.GetMessageClass(resp_desc),
+        resp_desc.enum_types_by_name["ServingStatus"],
+    )
+
+
+_HealthCheckRequest, _HealthCheckResponse, _SERVING_STATUS = _health_messages()

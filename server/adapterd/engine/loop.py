@@ -1,0 +1,440 @@
+"""The engine loop: one thread owns the model and runs every forward, slot copy and batch
+change. RPC handlers only validate, enqueue and await.
+
+    handler (asyncio)                          engine thread
+    submit() ── validate, resolve ──► inbox ──► scheduler.prepare / admit (between steps)
+                                                generator.add (prefill) / step (decode)
+    async for event in generation ◄── loop.call_soon_threadsafe ◄── events of the step
+    cancel (call gone, deadline) ───► cancels ─► generator.abort within one step
+
+Failures stay with their request: a failed adapter load fails the requests that wanted
+it; an exception in a prefill fails that group; an exception in a decode step fails the
+rows of that step, and the loop goes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from adapterd import errors
+from adapterd.config import CacheConfig, ModelConfig, SchedulerConfig
+from adapterd.engine import limits
+from adapterd.engine.generate import Generator, Request, TokenEvent
+from adapterd.engine.sampling import SamplingParams
+from adapterd.engine.scheduler import Scheduler, Submission
+from adapterd.registry.cache import AdapterCache, Resolver
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EngineParts:
+    """What the engine loop drives: built once, owned by the loop thread afterwards."""
+
+    model: object
+    tokenizer: object
+    slots: object  # LoraSlots
+    spec: object  # ModelSpec
+
+
+def load_engine_parts(model_config: ModelConfig, cache_config: CacheConfig) -> EngineParts:
+    """Load the base model (NF4 unless --no-quantize) and give it the LoRA slots."""
+    import torch
+
+    from adapterd.engine.demo import demo_model_dir
+    from adapterd.engine.lora import inject_lora
+    from adapterd.engine.model import default_device, load_base_model, parse_dtype
+
+    path = model_config.base_model or demo_model_dir()
+    device = default_device() if model_config.device == "auto" else torch.device(model_config.device)
+    dtype = parse_dtype(model_config.compute_dtype, device)
+    model, tokenizer, spec = load_base_model(path, device=device, compute_dtype=dtype, quantize=model_config.quantize)
+    slots = inject_lora(model, num_slots=cache_config.gpu_slots + 1, max_rank=cache_config.max_rank)
+    return EngineParts(model, tokenizer, slots, spec)
+
+
+@dataclass
+class GenerateArgs:
+    """A request's generation parameters as the caller gave them (None = not set)."""
+
+    max_new_tokens: int
+    temperature: float = 0.0
+    top_p: float | None = None
+    top_k: int = 0
+    repetition_penalty: float | None = None
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    logprobs: bool = False
+
+
+class _Sink:
+    """Where a request's events go: an asyncio.Queue on the handler's event loop."""
+
+    __slots__ = ("loop", "queue")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue):
+        self.loop = loop
+        self.queue = queue
+
+
+class Generation:
+    """The handler's side of a submitted request: iterate it for TokenEvents; a failure
+    is raised as its typed error. Close it when the call ends, however it ends."""
+
+    def __init__(self, engine: EngineLoop, sub: Submission, queue: asyncio.Queue):
+        self._engine = engine
+        self._queue = queue
+        self.id = sub.id
+        self.adapter = sub.adapter.name if sub.adapter is not None else ""
+        self.prompt_tokens = len(sub.prompt_ids)
+        self._done = False
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> TokenEvent:
+        if self._done:
+            raise StopAsyncIteration
+        item = await self._queue.get()
+        if isinstance(item, BaseException):
+            self._done = True
+            raise item
+        self._done = item.finished
+        return item
+
+    def close(self) -> None:
+        """Frees the request's row at the next step if it is still queued or running."""
+        if not self._done:
+            self._done = True
+            self._engine.cancel(self.id)
+
+
+class EngineLoop:
+    def __init__(
+        self,
+        parts: EngineParts | Callable[[], EngineParts],
+        resolver: Resolver,
+        scheduler: SchedulerConfig,
+        cache: CacheConfig,
+    ):
+        self._build = parts if callable(parts) else (lambda: parts)
+        self.resolver = resolver
+        self.config = scheduler
+        self.cache_config = cache
+        self.tokenizer = None
+        self.cache: AdapterCache | None = None
+        self._sched: Scheduler | None = None
+        self._gen: Generator | None = None
+        self._running: dict[str, Submission] = {}
+        self._outbox: dict[asyncio.AbstractEventLoop, list] = {}
+        # Shared with the handlers, under _cv: the inbox, cancellations, counters, flags.
+        self._cv = threading.Condition()
+        self._inbox: list[Submission] = []
+        self._cancels: set[str] = set()
+        self._queued = 0  # inbox + waiting: what --max-queue bounds
+        self._kick = False
+        self._draining = False  # new submissions refused; queued and running ones go on
+        self._stopping = False
+        self._ready = threading.Event()
+        self._start_error: BaseException | None = None
+        self._ready_callbacks: list[Callable[[], None]] = []
+        self._thread = threading.Thread(target=self._main, name="engine-loop", daemon=True)
+
+    # --- lifecycle (any thread) ----------------------------------------------------------
+
+    def start(self) -> EngineLoop:
+        self._thread.start()
+        return self
+
+    @property
+    def ready(self) -> bool:
+        return self._ready.is_set() and self._start_error is None
+
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        """Block until the model is loaded and warm; re-raises a start-up failure."""
+        ok = self._ready.wait(timeout)
+        if self._start_error is not None:
+            raise self._start_error
+        return ok
+
+    def on_ready(self, callback: Callable[[], None]) -> None:
+        """Call `callback` (on the engine thread, or now) once the model is warm."""
+        with self._cv:
+            if not self._ready.is_set():
+                self._ready_callbacks.append(callback)
+                return
+        if self._start_error is None:
+            callback()
+
+    def drain(self) -> None:
+        """Refuse new submissions with UNAVAILABLE; queued and running requests go on."""
+        with self._cv:
+            self._draining = True
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Fail what is left with UNAVAILABLE and end the thread. Drain first (app.py)."""
+        with self._cv:
+            self._draining = True
+            self._stopping = True
+            self._kick = True
+            self._cv.notify()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def stats(self) -> dict[str, int]:
+        s = self.cache.stats if self.cache is not None else None
+        return {
+            "running": len(self._running),
+            "queued": self._queued,
+            "loads": s.loads if s else 0,
+            "load_failures": s.load_failures if s else 0,
+            "slot_copies": s.slot_copies if s else 0,
+            "gpu_evictions": s.gpu_evictions if s else 0,
+            "cpu_evictions": s.cpu_evictions if s else 0,
+        }
+
+    # --- the handlers' side (asyncio thread) ---------------------------------------------
+
+    def submit(
+        self,
+        *,
+        tenant: str,
+        adapter: str,
+        prompt: str,
+        args: GenerateArgs,
+        deadline: float | None = None,
+        on_start: Callable[[], None] | None = None,
+    ) -> Generation:
+        """Validate and queue a request; raises a typed error at once when it cannot be
+        served. `deadline` is in time.monotonic() seconds; `on_start` is called on the
+        engine thread when the request joins the batch. Call from the event loop that will
+        iterate the returned Generation."""
+        if self._draining:
+            raise errors.Unavailable("the server is shutting down; retry on another replica")
+        if not self.ready:
+            raise errors.Unavailable("the model is not loaded yet; retry shortly")
+        if not prompt:
+            raise errors.InvalidArgument("prompt must not be empty")
+        prompt_ids = self.tokenizer(prompt)["input_ids"]
+        limits.check_prompt(prompt, len(prompt_ids), self.config)
+        params = limits.sampling_params(
+            prompt_tokens=len(prompt_ids), limits=self.config, **vars(args)
+        )
+        resolved = self.resolver.resolve(tenant, adapter) if adapter else None
+        queue: asyncio.Queue = asyncio.Queue()
+        sub = Submission(
+            id=uuid.uuid4().hex,
+            adapter=resolved,
+            prompt_ids=prompt_ids,
+            params=params,
+            arrival=time.monotonic(),
+            deadline=deadline,
+            sink=_Sink(asyncio.get_running_loop(), queue),
+            on_start=on_start,
+        )
+        with self._cv:
+            if self._draining:
+                raise errors.Unavailable("the server is shutting down; retry on another replica")
+            if self._queued >= self.config.max_queue:
+                raise errors.ResourceExhausted(
+                    f"the request queue is full ({self.config.max_queue} waiting); retry with backoff"
+                )
+            self._queued += 1
+            self._inbox.append(sub)
+            self._kick = True
+            self._cv.notify()
+        return Generation(self, sub, queue)
+
+    def cancel(self, request_id: str) -> None:
+        with self._cv:
+            self._cancels.add(request_id)
+            self._kick = True
+            self._cv.notify()
+
+    def _wake(self) -> None:
+        with self._cv:
+            self._kick = True
+            self._cv.notify()
+
+    # --- the engine thread ---------------------------------------------------------------
+
+    def _main(self) -> None:
+        try:
+            self._setup(self._build())
+        except BaseException as e:  # noqa: BLE001 - reported through wait_ready / health
+            log.exception("engine failed to start")
+            self._start_error = e
+            self._ready.set()
+            return
+        with self._cv:
+            self._ready.set()
+            callbacks, self._ready_callbacks = self._ready_callbacks, []
+        for cb in callbacks:
+            cb()
+        log.info("engine ready: batch %d, %d slots", self.config.max_batch_size, self.cache.slots.num_slots - 1)
+        try:
+            self._serve()
+        finally:
+            self._shutdown()
+
+    def _setup(self, parts: EngineParts) -> None:
+        max_pos = getattr(getattr(parts.model, "config", None), "max_position_embeddings", None)
+        if max_pos is not None and self.config.max_total_tokens > max_pos:
+            raise errors.InvalidArgument(
+                f"--max-total-tokens {self.config.max_total_tokens} exceeds the base model's "
+                f"max_position_embeddings ({max_pos})"
+            )
+        self.tokenizer = parts.tokenizer
+        self._gen = Generator(parts.model, parts.tokenizer, parts.slots)
+        self.cache = AdapterCache(parts.slots, parts.spec, self.cache_config, on_load_done=self._wake)
+        self._sched = Scheduler(self.cache, self.config.max_wait_ms / 1000)
+        self._warm_up()
+
+    def _warm_up(self) -> None:
+        """One short generation, so the first request does not pay for lazy initialisation."""
+        ids = self.tokenizer("warm up")["input_ids"] or [0]
+        self._gen.add([Request("warm-up", ids, SamplingParams(max_new_tokens=2))])
+        while self._gen.num_running:
+            self._gen.step()
+
+    def _serve(self) -> None:
+        while True:
+            with self._cv:
+                if not self._kick and not self._running:
+                    self._cv.wait(self._idle_timeout())
+                self._kick = False
+                inbox, self._inbox = self._inbox, []
+                cancels, self._cancels = self._cancels, set()
+                if self._stopping:
+                    self._sched.waiting.extend(inbox)
+                    return
+            for sub in inbox:
+                self._sched.add(sub)
+            try:
+                self._iterate(cancels)
+            except Exception:  # noqa: BLE001 - a bug here must not end the loop for everyone
+                log.exception("engine loop iteration failed; failing the running rows")
+                self._fail_running(errors.AdapterdError("internal error in the engine; see the server log"))
+            self._flush()
+
+    def _idle_timeout(self) -> float | None:
+        deadline = self._sched.next_timer()
+        return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+    def _iterate(self, cancels: set[str]) -> None:
+        now = time.monotonic()
+        if cancels:
+            self._drop(lambda s: s.id in cancels, errors.Cancelled("the call was cancelled"))
+        self._drop(
+            lambda s: s.deadline is not None and s.deadline <= now,
+            errors.DeadlineExceeded("the deadline expired before generation finished"),
+        )
+        for sub, err in self._sched.prepare():
+            self._fail(sub, err)
+        admitted, failed = self._sched.admit(now, self.config.max_batch_size - len(self._running))
+        for sub, err in failed:
+            self._fail(sub, err)
+        if admitted:
+            self._prefill(admitted)
+        if self._running:
+            self._decode()
+
+    def _drop(self, predicate, error: errors.AdapterdError) -> None:
+        """End waiting and running requests that match `predicate` with `error`."""
+        for sub in self._sched.take(predicate):
+            self._fail(sub, error)
+        hit = [sub_id for sub_id, sub in self._running.items() if predicate(sub)]
+        if hit:
+            for sub_id in self._gen.abort(hit):
+                self._fail(self._running[sub_id], error)
+
+    def _prefill(self, subs: list[Submission]) -> None:
+        with self._cv:
+            self._queued -= len(subs)
+        for sub in subs:
+            self._running[sub.id] = sub
+            if sub.on_start is not None:
+                try:
+                    sub.on_start()
+                except Exception:  # noqa: BLE001 - bookkeeping must not fail the request
+                    log.exception("on_start callback failed for request %s", sub.id)
+        try:
+            events = self._gen.add([Request(s.id, s.prompt_ids, s.params, s.slot) for s in subs])
+        except Exception:  # noqa: BLE001 - isolate the request that broke the group
+            if len(subs) == 1:
+                log.exception("prefill failed for request %s", subs[0].id)
+                self._fail(subs[0], errors.AdapterdError("internal error in prefill; see the server log"))
+                return
+            for sub in subs:
+                del self._running[sub.id]
+            with self._cv:
+                self._queued += len(subs)
+            for sub in subs:
+                self._prefill([sub])
+            return
+        self._dispatch(events)
+
+    def _decode(self) -> None:
+        try:
+            events = self._gen.step()
+        except Exception:  # noqa: BLE001 - the batch state cannot be trusted after this
+            log.exception("decode step failed; failing its %d rows", len(self._running))
+            self._fail_running(errors.AdapterdError("internal error in a decode step; see the server log"))
+            return
+        self._dispatch(events)
+
+    def _dispatch(self, events: list[TokenEvent]) -> None:
+        for ev in events:
+            sub = self._running.get(ev.request_id)
+            if sub is None:
+                continue
+            self._deliver(sub, ev)
+            if ev.finished:
+                del self._running[sub.id]
+                self._sched.release(sub)
+
+    def _fail(self, sub: Submission, error: errors.AdapterdError) -> None:
+        """End one request with `error`, wherever it is (waiting or running)."""
+        if self._running.pop(sub.id, None) is None:
+            with self._cv:
+                self._queued -= 1
+        self._sched.release(sub)
+        self._deliver(sub, type(error)(str(error)))  # a fresh instance per request
+
+    def _fail_running(self, error: errors.AdapterdError) -> None:
+        self._gen.abort_all()
+        for sub in list(self._running.values()):
+            self._fail(sub, error)
+
+    def _deliver(self, sub: Submission, item) -> None:
+        self._outbox.setdefault(sub.sink.loop, []).append((sub.sink.queue, item))
+
+    def _flush(self) -> None:
+        """Hand this iteration's events to each event loop in one call."""
+        for loop, items in self._outbox.items():
+            with contextlib.suppress(RuntimeError):  # that event loop is closed: nobody listens
+                loop.call_soon_threadsafe(_put_all, items)
+        self._outbox = {}
+
+    def _shutdown(self) -> None:
+        error = errors.Unavailable("the server is shutting down; retry on another replica")
+        if self._gen is not None:
+            for sub in list(self._sched.waiting):
+                self._fail(sub, error)
+            self._sched.waiting.clear()
+            self._fail_running(error)
+            self._flush()
+        if self.cache is not None:
+            self.cache.close()
+
+
+def _put_all(items: list) -> None:
+    for queue, item in items:
+        queue.put_nowait(item)
