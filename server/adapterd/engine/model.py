@@ -74,14 +74,14 @@ def load_base_model(
             bnb_4bit_compute_dtype=compute_dtype,
         )
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if quantize:
+        _quantize_leftover_linears(model, compute_dtype, device)
     model.eval()
     model.requires_grad_(False)
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     spec = model_spec(model, path)
-    if quantize:
-        _warn_unquantized(model)
     log.info(
         "base model %s loaded: %s, %s, %s, %.1f MiB",
         path, "nf4+double-quant" if quantize else "full precision", compute_dtype,
@@ -113,11 +113,27 @@ def linear_shape(module) -> tuple[int, int] | None:
     return None
 
 
-def _warn_unquantized(model) -> None:
-    # transformers quantizes only modules whose type is exactly nn.Linear; subclasses such as
-    # FalconLinear stay in the compute dtype. Say so rather than claim NF4.
-    left = [n for n, m in model.named_modules()
-            if isinstance(m, torch.nn.Linear) and not hasattr(m.weight, "quant_state") and not n.endswith("lm_head")]
-    if left:
-        log.warning("%d linear layers were not quantized by transformers (e.g. %s, %s); they run in the compute dtype",
-                    len(left), left[0], type(model.get_submodule(left[0])).__name__)
+def _quantize_leftover_linears(model, compute_dtype: torch.dtype, device: torch.device) -> None:
+    """transformers quantizes only modules whose type is exactly nn.Linear; subclasses such as
+    Falcon's FalconLinear (the same math) would stay in the compute dtype. Quantize them here
+    the same way (NF4, double quantization), so every architecture really runs in 4 bits."""
+    import bitsandbytes as bnb
+
+    skip = {id(model.get_output_embeddings())}
+    left = [
+        (name, m) for name, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and not isinstance(m, bnb.nn.Linear4bit) and id(m) not in skip
+    ]
+    for name, lin in left:
+        if device.type == "cpu" and lin.out_features % 32:
+            log.warning("%s stays in %s: the CPU 4-bit path needs out_features divisible by 32", name, compute_dtype)
+            continue
+        q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None,
+                              compute_dtype=compute_dtype, compress_statistics=True, quant_type="nf4", device="meta")
+        q.weight = bnb.nn.Params4bit(lin.weight.data.to(compute_dtype), requires_grad=False,
+                                     compress_statistics=True, quant_type="nf4")
+        if lin.bias is not None:
+            q.bias = torch.nn.Parameter(lin.bias.data.to(compute_dtype), requires_grad=False)
+        q.weight.module = q  # as transformers links them: bnb keeps the quant state on the module too
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, q.to(device))
