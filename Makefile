@@ -12,9 +12,11 @@ PROTOS  := $(wildcard protos/adapterd_api/v1/*.proto)
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml
-	test -x $(PY) || python3 -m venv $(VENV)
+	@# A torch already installed for python3 is reused (the venv sees the system site); else the
+	@# pinned wheel is installed. pyproject's torch range admits it, so pip never pulls CUDA wheels.
+	test -x $(PY) || { if python3 -c "import torch" 2>/dev/null; then python3 -m venv --system-site-packages $(VENV); \
+		else python3 -m venv $(VENV); fi; }
 	$(PIP) install -q --upgrade pip
-	@# Reuse a torch that is already there (system site or venv); else take the pinned wheel.
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q "$(TORCH_SPEC)"
 	$(PIP) install -q -e ".[server,dev]"
 	touch $(STAMP)

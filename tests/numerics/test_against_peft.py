@@ -19,12 +19,15 @@ NEW_TOKENS = 16
 PROMPTS = [b"def mean(xs):", b"import numpy as np\n", b"hello", b"SELECT * FROM t WHERE", b"x = [1, 2, 3]"]
 
 
-def _peft_reference(base_dir, adapter_dirs, prompt_ids):
+CPU = torch.device("cpu")
+
+
+def _peft_reference(base_dir, adapter_dirs, prompt_ids, device=CPU):
     """PeftModel on its own NF4 copy of the base: per adapter, first-step logits and the
     greedy tokens of generate()."""
     from peft import PeftModel
 
-    model, _, _ = load_base_model(base_dir)
+    model, _, _ = load_base_model(base_dir, device=device)
     model.generation_config.eos_token_id = None  # compare 16 tokens; the engine runs with no EOS too
     names = [f"a{i}" for i in range(len(adapter_dirs))]
     peft_model = PeftModel.from_pretrained(model, adapter_dirs[0], adapter_name=names[0])
@@ -36,7 +39,7 @@ def _peft_reference(base_dir, adapter_dirs, prompt_ids):
         for name in names:
             peft_model.set_adapter(name)
             for p in prompt_ids:
-                ids = torch.tensor([p])
+                ids = torch.tensor([p], device=device)
                 gen = peft_model.generate(
                     input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS,
                     do_sample=False, output_logits=True, return_dict_in_generate=True,
@@ -45,10 +48,10 @@ def _peft_reference(base_dir, adapter_dirs, prompt_ids):
     return out
 
 
-def _engine_run(base_dir, adapter_dirs, rows):
+def _engine_run(base_dir, adapter_dirs, rows, device=CPU):
     """Our engine: one mixed batch, rows = [(slot, prompt_ids)]. Returns per row the first
     logits and the generated tokens."""
-    model, tokenizer, spec = load_base_model(base_dir)
+    model, tokenizer, spec = load_base_model(base_dir, device=device)
     slots = inject_lora(model, num_slots=len(adapter_dirs) + 1, max_rank=16)
     for slot, path in enumerate(adapter_dirs, start=1):
         slots.load(slot, read_adapter(path, spec, max_rank=16))
@@ -74,6 +77,10 @@ def _engine_run(base_dir, adapter_dirs, rows):
 
 @pytest.mark.parametrize("arch", ["llama", "phi", "falcon"])
 def test_mixed_batch_matches_peft(arch, model_factory, adapter_factory):
+    check_mixed_batch_against_peft(arch, model_factory, adapter_factory, CPU, tol=1e-4)
+
+
+def check_mixed_batch_against_peft(arch, model_factory, adapter_factory, device, tol):
     base_dir = model_factory(arch)
     adapter_dirs = [
         adapter_factory(base_dir, arch, seed=10),
@@ -81,7 +88,7 @@ def test_mixed_batch_matches_peft(arch, model_factory, adapter_factory):
         adapter_factory(base_dir, arch, seed=12, rank=16, alpha=16, use_rslora=True),
     ]
     prompts = [list(p) for p in PROMPTS[:3]]
-    ref = _peft_reference(base_dir, adapter_dirs, prompts)
+    ref = _peft_reference(base_dir, adapter_dirs, prompts, device)
 
     # The adapters must really differ, else "each row matches its adapter" proves nothing.
     firsts = [ref[(f"a{i}", tuple(prompts[0]))][0] for i in range(3)]
@@ -91,8 +98,8 @@ def test_mixed_batch_matches_peft(arch, model_factory, adapter_factory):
 
     # One mixed batch: every adapter, several prompts, interleaved and with the base model.
     rows = [(slot, p) for p in prompts for slot in (1, 2, 3)]
-    got = _engine_run(base_dir, adapter_dirs, rows)
+    got = _engine_run(base_dir, adapter_dirs, rows, device)
     for (slot, p), (logits, tokens) in zip(rows, got):
         want_logits, want_tokens = ref[(f"a{slot - 1}", tuple(p))]
-        torch.testing.assert_close(logits, want_logits, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(logits.float(), want_logits.float(), rtol=tol, atol=tol)
         assert tokens == want_tokens, f"{arch} slot {slot} prompt {bytes(p)!r}"

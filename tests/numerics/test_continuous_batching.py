@@ -17,7 +17,7 @@ GREEDY = SamplingParams(max_new_tokens=12)
 @pytest.fixture(scope="module")
 def engine(model_factory, adapter_factory):
     base = model_factory("llama")
-    model, tokenizer, spec = load_base_model(base)
+    model, tokenizer, spec = load_base_model(base, device=torch.device("cpu"))
     slots = inject_lora(model, num_slots=3, max_rank=16)
     slots.load(1, read_adapter(adapter_factory(base, "llama", seed=21), spec, 16))
     slots.load(2, read_adapter(adapter_factory(base, "llama", seed=22, rank=4), spec, 16))
