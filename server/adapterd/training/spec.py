@@ -1,0 +1,94 @@
+"""What one training job asks for: the adapter's name and the hyperparameters.
+
+The defaults are the ones users know from hosted fine-tuning APIs and the QLoRA paper:
+3 epochs, learning rate 2e-4 on a cosine schedule with warmup, LoRA rank 16 and alpha 32
+with dropout 0.05 on every linear layer, early stopping on the validation loss, and a
+tenth of the data held out for validation when no validation file is given.
+
+Each check names the `adapterctl train` flag to change. The spec travels to the worker
+process as JSON (`to_json` / `from_json`), and is stored with the job.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, fields
+
+from adapterd.errors import InvalidArgument
+
+ALL_LINEAR = "all-linear"
+
+
+@dataclass(frozen=True)
+class TrainingSpec:
+    name: str
+    description: str = ""
+    epochs: float = 3.0
+    learning_rate: float = 2e-4
+    rank: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.05
+    target_modules: tuple[str, ...] = (ALL_LINEAR,)
+    batch_size: int = 4
+    grad_accum: int = 1
+    max_seq_len: int = 1024
+    seed: int = 0
+    early_stopping: bool = True
+    early_stopping_patience: int = 3  # evaluations without a better validation loss
+    val_split: float = 0.1  # used only without a validation file
+    warmup_ratio: float = 0.03
+    max_eval_examples: int = 100  # per evaluated split, for the ROUGE generations
+    eval_max_new_tokens: int = 128
+
+    def __post_init__(self):
+        object.__setattr__(self, "target_modules", tuple(self.target_modules))
+        _need(bool(self.name), "--name is required: the adapter's name in the registry")
+        _need(len(self.description) <= 4096, "--description is longer than 4096 characters")
+        _need(math.isfinite(self.epochs) and 0 < self.epochs <= 1000, f"--epochs must be in (0, 1000]; got {self.epochs}")
+        _need(
+            math.isfinite(self.learning_rate) and 0 < self.learning_rate <= 1,
+            f"--lr must be in (0, 1]; got {self.learning_rate}",
+        )
+        _need(1 <= self.rank <= 1024, f"--rank must be in 1..1024; got {self.rank}")
+        _need(math.isfinite(self.alpha) and self.alpha > 0, f"--alpha must be > 0; got {self.alpha}")
+        _need(0 <= self.dropout < 1, f"--dropout must be in [0, 1); got {self.dropout}")
+        _need(
+            len(self.target_modules) > 0 and all(m and m.strip() == m for m in self.target_modules),
+            f"--target-modules must be all-linear or a comma-separated list of module names; got {','.join(self.target_modules)!r}",
+        )
+        _need(
+            ALL_LINEAR not in self.target_modules or len(self.target_modules) == 1,
+            "--target-modules: all-linear cannot be combined with module names",
+        )
+        _need(1 <= self.batch_size <= 1024, f"--batch-size must be in 1..1024; got {self.batch_size}")
+        _need(1 <= self.grad_accum <= 1024, f"--grad-accum must be in 1..1024; got {self.grad_accum}")
+        _need(8 <= self.max_seq_len <= 131072, f"--max-seq-len must be in 8..131072; got {self.max_seq_len}")
+        _need(0 <= self.seed < 2**63, f"--seed must be in 0..2^63-1; got {self.seed}")
+        _need(self.early_stopping_patience >= 1, "early_stopping_patience must be >= 1")
+        _need(0 <= self.val_split < 1, f"--val-split must be in [0, 1); got {self.val_split}")
+        _need(0 <= self.warmup_ratio < 1, f"--warmup-ratio must be in [0, 1); got {self.warmup_ratio}")
+        _need(self.max_eval_examples >= 1, f"--max-eval-examples must be >= 1; got {self.max_eval_examples}")
+        _need(
+            1 <= self.eval_max_new_tokens <= 4096,
+            f"--eval-max-new-tokens must be in 1..4096; got {self.eval_max_new_tokens}",
+        )
+
+    @property
+    def peft_target_modules(self) -> str | list[str]:
+        """What LoraConfig(target_modules=) takes: PEFT's "all-linear" string, or names."""
+        return ALL_LINEAR if self.target_modules == (ALL_LINEAR,) else list(self.target_modules)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> TrainingSpec:
+        data = json.loads(text)
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def _need(ok: bool, message: str) -> None:
+    if not ok:
+        raise InvalidArgument(message)

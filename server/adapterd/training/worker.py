@@ -1,0 +1,271 @@
+"""The QLoRA training process: one per job, started by jobs.py, never imported by the server.
+
+    python -m adapterd.training.worker JOB_DIR --events-fd FD
+
+It loads its own NF4 copy of the base model (double quantization), puts LoRA on it with
+PEFT, and trains with transformers' Trainer: cosine schedule with warmup, loss on the
+completion tokens only, gradient checkpointing, paged 8-bit AdamW on a GPU (AdamW on the
+CPU), early stopping on the validation loss. Then it saves the adapter and evaluates it
+beside the base model (evaluate.py). A crash or an OOM here ends this process only.
+
+It reads JOB_DIR/worker.json and the checked examples the server wrote there, and reports
+to the server one JSON object per line on FD (a pipe): `status`, `started`, `step`,
+`eval`, then `done`, `cancelled` or `error`. SIGTERM asks it to stop: a TrainerCallback
+sees the flag at the end of the current step, so a cancel takes at most one step.
+
+The base model is loaded in this fresh process and trained before any evaluation, and
+bitsandbytes' CPU repacking of 4-bit weights for inference is switched off here: after a
+no-grad forward in eval mode it swaps in a kernel without a backward, so training after an
+evaluation step would silently stop learning.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import shutil
+import signal
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+from transformers import (
+    EarlyStoppingCallback,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+    set_seed,
+)
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+from adapterd.engine.model import default_device, load_base_model, parse_dtype
+from adapterd.training import evaluate
+from adapterd.training.data import collate, encode, read_examples
+from adapterd.training.spec import TrainingSpec
+
+EXIT_OK, EXIT_ERROR, EXIT_CANCELLED = 0, 1, 3
+EVALS_PER_RUN = 10  # validation-loss evaluations over a run (early stopping looks at these)
+
+
+class Cancelled(Exception):
+    pass
+
+
+class Events:
+    """JSON lines to the server. A server that died closes the pipe: this process then
+    exits at its next event instead of training on for nobody."""
+
+    def __init__(self, fd: int | None):
+        self._out = os.fdopen(fd, "w", buffering=1, encoding="utf-8") if fd is not None else sys.stdout
+
+    def emit(self, type_: str, **fields) -> None:
+        try:
+            self._out.write(json.dumps({"type": type_, "time": time.time(), **fields}) + "\n")
+        except BrokenPipeError:
+            os._exit(EXIT_ERROR)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m adapterd.training.worker")
+    parser.add_argument("job_dir", type=Path)
+    parser.add_argument("--events-fd", type=int, default=None)
+    args = parser.parse_args(argv)
+    events = Events(args.events_fd)
+    cancel = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: cancel.set())
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C at the server's terminal is the server's
+    try:
+        result = train(args.job_dir, events, cancel)
+    except Cancelled:
+        events.emit("cancelled")
+        return EXIT_CANCELLED
+    except BaseException as e:  # noqa: BLE001 - everything becomes the job's failure reason
+        events.emit("error", message=failure_reason(e), traceback=traceback.format_exc(limit=20))
+        return EXIT_ERROR
+    events.emit("done", **result)
+    return EXIT_OK
+
+
+def failure_reason(e: BaseException) -> str:
+    if isinstance(e, torch.OutOfMemoryError | MemoryError):
+        return f"out of memory while training ({type(e).__name__}); lower --batch-size or --max-seq-len, or raise --grad-accum"
+    return f"{type(e).__name__}: {e}"
+
+
+def train(job_dir: Path, events: Events, cancel: threading.Event) -> dict:
+    settings = json.loads((job_dir / "worker.json").read_text())
+    os.nice(int(settings.get("nice", 0)))
+    spec = TrainingSpec.from_json(settings["spec"])
+    device = default_device() if settings["device"] == "auto" else torch.device(settings["device"])
+    on_gpu = device.type == "cuda"
+    train_examples = read_examples(job_dir / "train.jsonl")
+    val_examples = read_examples(job_dir / "validation.jsonl")
+    retention_examples = read_examples(job_dir / "retention.jsonl")
+    set_seed(spec.seed)
+
+    events.emit("status", message=f"loading the base model in NF4 on {device}")
+    model, tokenizer, _ = load_base_model(
+        settings["base_model"], device=device, compute_dtype=parse_dtype(settings.get("compute_dtype"), device)
+    )
+    for module in model.modules():  # see the module docstring
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+    model = prepare_model_for_kbit_training(
+        model, use_gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False}
+    )
+    model = get_peft_model(model, LoraConfig(
+        r=spec.rank, lora_alpha=spec.alpha, lora_dropout=spec.dropout, target_modules=spec.peft_target_modules,
+        bias="none", task_type="CAUSAL_LM",
+    ))
+    if cancel.is_set():
+        raise Cancelled
+
+    def features(examples):
+        return [dict(zip(("input_ids", "labels"), encode(e, tokenizer), strict=True)) for e in examples]
+
+    steps = total_steps(len(train_examples), spec)
+    evaluating = bool(val_examples)
+    eval_steps = max(1, math.ceil(steps / EVALS_PER_RUN))
+    args = TrainingArguments(
+        output_dir=str(job_dir / "checkpoints"),
+        num_train_epochs=spec.epochs,
+        learning_rate=spec.learning_rate,
+        lr_scheduler_type="cosine",
+        warmup_steps=spec.warmup_ratio,  # a float below 1 is a fraction of the run
+        per_device_train_batch_size=spec.batch_size,
+        per_device_eval_batch_size=spec.batch_size,
+        gradient_accumulation_steps=spec.grad_accum,
+        gradient_checkpointing=True,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        optim="paged_adamw_8bit" if on_gpu else "adamw_torch",
+        bf16=on_gpu and model.dtype == torch.bfloat16,
+        use_cpu=not on_gpu,
+        seed=spec.seed,
+        logging_steps=1,
+        include_num_input_tokens_seen="non_padding",
+        eval_strategy="steps" if evaluating else "no",
+        eval_steps=eval_steps,
+        save_strategy="steps" if evaluating and spec.early_stopping else "no",
+        save_steps=eval_steps,
+        save_total_limit=1,
+        save_only_model=True,
+        load_best_model_at_end=evaluating and spec.early_stopping,
+        metric_for_best_model="eval_loss",
+        greater_is_better=False,
+        report_to="none",
+        disable_tqdm=True,
+        remove_unused_columns=False,
+        dataloader_pin_memory=on_gpu,
+    )
+    callbacks = [EventsCallback(events, cancel)]
+    if evaluating and spec.early_stopping:
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=spec.early_stopping_patience))
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=features(train_examples),
+        eval_dataset=features(val_examples) if evaluating else None,
+        data_collator=lambda batch: collate([(f["input_ids"], f["labels"]) for f in batch], tokenizer.pad_token_id),
+        callbacks=callbacks,
+    )
+    for quiet in (PrinterCallback, ProgressCallback):  # progress goes to the server as events
+        trainer.remove_callback(quiet)
+    if on_gpu:
+        torch.cuda.reset_peak_memory_stats(device)
+    output = trainer.train()
+    if cancel.is_set():
+        raise Cancelled
+    stopped_early = trainer.state.global_step < trainer.state.max_steps
+    train_stats = {
+        "steps": trainer.state.global_step,
+        "total_steps": trainer.state.max_steps,
+        "stopped_early": stopped_early,
+        "train_loss": output.training_loss,
+        "best_eval_loss": trainer.state.best_metric,
+        "train_runtime_s": output.metrics["train_runtime"],
+        "tokens": trainer.state.num_input_tokens_seen,
+        "tokens_per_second": trainer.state.num_input_tokens_seen / max(1e-9, output.metrics["train_runtime"]),
+        "peak_memory_bytes": peak_memory_bytes(device),
+    }
+
+    adapter_dir = job_dir / "adapter"
+    model.save_pretrained(adapter_dir, safe_serialization=True)
+    shutil.rmtree(job_dir / "checkpoints", ignore_errors=True)
+    events.emit("status", message="adapter saved" + (" (best validation loss; stopped early)" if stopped_early else ""))
+
+    def progress(message: str) -> None:
+        if cancel.is_set():
+            raise Cancelled
+        events.emit("status", message=message)
+
+    # Without a validation split, score on (some of) the training data, named as such.
+    eval_split = "validation" if evaluating else "train"
+    eval_examples = val_examples if evaluating else train_examples
+    results = evaluate.compare(
+        model,
+        tokenizer,
+        {eval_split: eval_examples[: spec.max_eval_examples], "retention": retention_examples[: spec.max_eval_examples]},
+        batch_size=spec.batch_size,
+        max_new_tokens=spec.eval_max_new_tokens,
+        on_progress=progress,
+    )
+    return {"adapter_dir": str(adapter_dir), "training": train_stats, "evaluation": results}
+
+
+def total_steps(n_train: int, spec: TrainingSpec) -> int:
+    """Optimizer steps of a full run, as the Trainer counts them."""
+    per_epoch = max(1, math.ceil(math.ceil(n_train / spec.batch_size) / spec.grad_accum))
+    return math.ceil(spec.epochs * per_epoch)
+
+
+def peak_memory_bytes(device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+class EventsCallback(TrainerCallback):
+    """Reports progress to the server and stops training at the end of a step once
+    cancelled."""
+
+    def __init__(self, events: Events, cancel: threading.Event):
+        self.events = events
+        self.cancel = cancel
+        self.started = 0.0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.started = time.monotonic()
+        self.events.emit("started", total_steps=state.max_steps, epochs=args.num_train_epochs)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.cancel.is_set():
+            control.should_training_stop = True
+            control.should_evaluate = control.should_save = False
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        logs = logs or {}
+        elapsed = time.monotonic() - self.started
+        if "loss" in logs:
+            self.events.emit(
+                "step",
+                step=state.global_step,
+                total_steps=state.max_steps,
+                epoch=logs.get("epoch", state.epoch),
+                loss=logs["loss"],
+                learning_rate=logs.get("learning_rate"),
+                tokens_per_second=state.num_input_tokens_seen / max(elapsed, 1e-9),
+                elapsed_s=elapsed,
+            )
+        if "eval_loss" in logs:
+            self.events.emit("eval", step=state.global_step, total_steps=state.max_steps, eval_loss=logs["eval_loss"])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
