@@ -9,14 +9,15 @@ e.g. INVALID_ARGUMENT 13, NOT_FOUND 15, RESOURCE_EXHAUSTED 18, UNAVAILABLE 24).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import grpc
 
-from adapterctl import generate, health
-from adapterctl.client import ADDR_ENV, DEFAULT_ADDR
+from adapterctl import adapters, generate, health, train
+from adapterctl.client import ADDR_ENV, DEFAULT_ADDR, TOKEN_ENV
 
-COMMANDS = [generate, health]
+COMMANDS = [generate, health, adapters, train]
 
 EXIT_RPC_BASE = 10
 
@@ -51,6 +52,15 @@ def add_connection_flags(parser: argparse.ArgumentParser) -> None:
         "--timeout", type=float, default=None, metavar="SECONDS",
         help="fail a call that takes longer with DEADLINE_EXCEEDED (default: no limit)",
     )
+    group.add_argument("--tls", action="store_true", help="connect with TLS, verified by the system's root CAs")
+    group.add_argument("--ca", default=None, metavar="PEM", help="verify the server with this CA instead (implies --tls)")
+    group.add_argument("--cert", default=None, metavar="PEM", help="client certificate, for servers that require mTLS")
+    group.add_argument("--key", default=None, metavar="PEM", help="private key of --cert")
+    group.add_argument(
+        "--token", default=None,
+        help=f"API token, sent as 'authorization: Bearer TOKEN' (default: ${TOKEN_ENV}); "
+        "prefer the variable: a flag shows in the process list",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,7 +78,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if (args.cert is None) != (args.key is None):
+        parser.error("--cert and --key go together: give both or neither")
+    for flag, path in (("--ca", args.ca), ("--cert", args.cert), ("--key", args.key)):
+        if path is not None and not os.path.isfile(path):
+            parser.error(f"{flag} {path}: no such file")
     try:
         return args.run(args) or 0
     except grpc.RpcError as e:

@@ -19,6 +19,10 @@ from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
 DEFAULT_ADDR = "localhost:50051"
 ADDR_ENV = "ADAPTERD_ADDR"
+TOKEN_ENV = "ADAPTERD_TOKEN"
+# Generate calls carry the adapter name in this metadata too, so a gRPC-aware load balancer
+# can hash on it and keep each adapter on one replica (deploy/README.md, "Routing by adapter").
+ADAPTER_HEADER = "adapterd-adapter"
 
 
 def default_addr() -> str:
@@ -48,8 +52,15 @@ class Client:
 
     @classmethod
     def from_args(cls, args) -> Client:
-        """A client from adapterctl's connection flags (--addr, --timeout)."""
-        return cls(args.addr or default_addr(), timeout=args.timeout)
+        """A client from adapterctl's connection flags (--addr, --timeout, --tls, --ca,
+        --cert, --key, --token; the token defaults to $ADAPTERD_TOKEN)."""
+        credentials = channel_credentials(
+            tls=getattr(args, "tls", False), ca=getattr(args, "ca", None),
+            cert=getattr(args, "cert", None), key=getattr(args, "key", None),
+        )
+        token = getattr(args, "token", None) or os.environ.get(TOKEN_ENV)
+        return cls(args.addr or default_addr(), credentials=credentials, metadata=auth_metadata(token),
+                   timeout=args.timeout)
 
     def close(self) -> None:
         self.channel.close()
@@ -63,13 +74,19 @@ class Client:
     def _call_kwargs(self) -> dict:
         return {"metadata": self.metadata, "timeout": self.timeout}
 
+    def _generate_kwargs(self, adapter: str) -> dict:
+        kwargs = self._call_kwargs()
+        if adapter:
+            kwargs["metadata"] = (*self.metadata, (ADAPTER_HEADER, adapter))
+        return kwargs
+
     def generate(self, prompt: str, *, adapter: str = "", **params) -> pb.GenerateResponse:
         """`params` are GenerationParams fields (max_new_tokens, temperature, top_p, ...)."""
-        return self.inference.Generate(request(prompt, adapter, **params), **self._call_kwargs())
+        return self.inference.Generate(request(prompt, adapter, **params), **self._generate_kwargs(adapter))
 
     def generate_stream(self, prompt: str, *, adapter: str = "", **params) -> Iterator[pb.GenerateStreamResponse]:
         """Iterate the messages as the server sends them; cancel() the iterator to stop early."""
-        return self.inference.GenerateStream(request(prompt, adapter, **params), **self._call_kwargs())
+        return self.inference.GenerateStream(request(prompt, adapter, **params), **self._generate_kwargs(adapter))
 
     def health(self, service: str = "") -> str:
         """The serving status name of `service` ("" = the whole server): SERVING, NOT_SERVING, ..."""
@@ -80,6 +97,31 @@ class Client:
         )
         response = check(_HealthCheckRequest(service=service), **self._call_kwargs())
         return _SERVING_STATUS.values_by_number[response.status].name
+
+
+def channel_credentials(
+    *, tls: bool = False, ca: str | None = None, cert: str | None = None, key: str | None = None
+) -> grpc.ChannelCredentials | None:
+    """TLS credentials, or None for plaintext. --ca, --cert and --key each imply TLS; without
+    --ca the system's root certificates verify the server."""
+    if not (tls or ca or cert or key):
+        return None
+    if (cert is None) != (key is None):
+        raise ValueError("--cert and --key go together: give both or neither")
+
+    def read(path: str | None) -> bytes | None:
+        if path is None:
+            return None
+        with open(path, "rb") as f:
+            return f.read()
+
+    return grpc.ssl_channel_credentials(
+        root_certificates=read(ca), private_key=read(key), certificate_chain=read(cert)
+    )
+
+
+def auth_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {token}"),) if token else ()
 
 
 def request(prompt: str, adapter: str = "", **params) -> pb.GenerateRequest:

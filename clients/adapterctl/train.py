@@ -92,6 +92,8 @@ def create_requests(spec: pb.JobSpec, files: list[tuple[int, Path]]) -> Iterator
     yield pb.CreateJobRequest(spec=spec)
     for kind, path in files:
         with open(path, "rb") as f:
+            chunk = f.read(CHUNK_BYTES)
+            yield pb.CreateJobRequest(chunk=pb.DatasetChunk(file=kind, data=chunk))  # even an empty file
             while chunk := f.read(CHUNK_BYTES):
                 yield pb.CreateJobRequest(chunk=pb.DatasetChunk(file=kind, data=chunk))
 
@@ -116,7 +118,7 @@ def register(subparsers) -> None:
     p.add_argument("--retention-file", type=Path, default=None, metavar="FILE",
                    help="general prompts with references, scored for adapter and base so forgetting shows")
     p.add_argument("--epochs", type=float, default=None, help="(default: 3)")
-    p.add_argument("--lr", type=float, default=None, dest="learning_rate", help="peak learning rate, cosine schedule with warmup (default: 2e-4)")
+    p.add_argument("--lr", type=float, default=None, dest="learning_rate", metavar="LR", help="peak learning rate, cosine schedule with warmup (default: 2e-4)")
     p.add_argument("--rank", type=int, default=None, help="LoRA rank (default: 16)")
     p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: 32)")
     p.add_argument("--dropout", type=float, default=None, help="LoRA dropout (default: 0.05)")

@@ -20,7 +20,7 @@ import grpc
 from adapterd.auth import Authenticator, check_role, is_open_method
 from adapterd.errors import AdapterdError
 from adapterd.metrics import Metrics
-from adapterd.tenancy import DEFAULT_TENANT, current_principal, reset_principal, set_principal
+from adapterd.tenancy import current_principal, reset_principal, set_principal
 
 INFERENCE_METHODS = ("/adapterd.v1.Inference/Generate", "/adapterd.v1.Inference/GenerateStream")
 
@@ -135,13 +135,6 @@ def status_name(code: object) -> str | None:
         return None
 
 
-def qualified_adapter(adapter: str, tenant: str) -> str:
-    """"name@3" of tenant acme -> "acme/name@3": the form metrics count adapters by."""
-    if not adapter or "/" in adapter or tenant == DEFAULT_TENANT:
-        return adapter
-    return f"{tenant}/{adapter}"
-
-
 class MetricsInterceptor(grpc.aio.ServerInterceptor):
     """Counts every RPC by method and code; inference ones also by adapter and tenant."""
 
@@ -177,7 +170,7 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
                 metrics.rpc_done(method, code)
                 if inference:
                     tenant = current_principal().tenant
-                    adapter = qualified_adapter(getattr(request, "adapter", ""), tenant)
+                    adapter = getattr(request, "adapter", "")
                     metrics.request_done(adapter, tenant, code, time.monotonic() - start)
 
         return wrap_handler(handler, timed)

@@ -22,12 +22,18 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry
 
+from adapterd import tls
+from adapterd.access import AuthInterceptor, MetricsInterceptor
+from adapterd.auth import Authenticator, TenantLimiter
 from adapterd.config import Config
 from adapterd.engine.loop import EngineLoop, load_engine_parts
 from adapterd.interceptors import ErrorInterceptor
-from adapterd.registry.cache import DirectoryResolver
-from adapterd.services import inference
+from adapterd.metrics import Metrics
+from adapterd.registry.store import RegistryResolver, open_registry
+from adapterd.services import adapters, inference, training
+from adapterd.training import open_jobs
 
 log = logging.getLogger(__name__)
 
@@ -72,9 +78,18 @@ def _resolve(future: asyncio.Future) -> None:
         future.set_result(None)
 
 
-def interceptor_chain(config: Config, *, metrics_registry=None) -> list[grpc.aio.ServerInterceptor]:
-    """Outermost first: auth -> metrics -> errors to status codes."""
-    return [ErrorInterceptor()]
+def interceptor_chain(config: Config, *, metrics: Metrics) -> list[grpc.aio.ServerInterceptor]:
+    """Outermost first: auth -> metrics -> errors to status codes. Without --auth-file
+    there is no auth interceptor: every call is the single tenant (adapterd.tenancy)."""
+    chain: list[grpc.aio.ServerInterceptor] = []
+    if config.auth.tenants is not None:
+        chain.append(AuthInterceptor(Authenticator(config.auth.tenants), metrics))
+    return [*chain, MetricsInterceptor(metrics), ErrorInterceptor()]
+
+
+def make_metrics(config: Config, registry: CollectorRegistry | None = None) -> Metrics:
+    """The server's metrics, on `registry` (tests pass their own) or a fresh one."""
+    return Metrics(registry or CollectorRegistry(), top_k_adapters=config.metrics.top_adapters)
 
 
 def create_server(
@@ -82,25 +97,38 @@ def create_server(
     *,
     engine: EngineLoop,
     registry=None,
-    metrics_registry=None,
+    jobs=None,
+    metrics: Metrics | None = None,
+    metrics_registry: CollectorRegistry | None = None,
     lifecycle: Lifecycle | None = None,
 ) -> tuple[grpc.aio.Server, int]:
     """Build the server with every service registered; call on the event loop that will run
     it, then `await server.start()`. Returns the server and the bound port (config port 0
-    binds a free one)."""
+    binds a free one). `metrics` defaults to the engine's, else a new one on
+    `metrics_registry`; the /metrics endpoint is `serve()`'s to start, not this."""
     lifecycle = lifecycle or Lifecycle(engine)
-    server = grpc.aio.server(interceptors=interceptor_chain(config, metrics_registry=metrics_registry))
+    metrics = metrics or getattr(engine, "metrics", None) or make_metrics(config, metrics_registry)
+    limiter = TenantLimiter.from_auth(config.auth.tenants, on_reject=metrics.quota_rejected)
+    server = grpc.aio.server(interceptors=interceptor_chain(config, metrics=metrics))
     # One line per service: register(server, ...) -> its full name (for health, reflection).
     services: list[Callable[[], str]] = [
-        lambda: inference.register(server, engine),
+        lambda: inference.register(server, engine, limiter),
     ]
+    if registry is not None:
+        services.append(lambda: adapters.register(server, registry, _registry_resolver(engine), _residence(engine)))
+    if jobs is not None:
+        services.append(lambda: training.register(server, jobs))
     names = [register() for register in services]
     health_pb2_grpc.add_HealthServicer_to_server(lifecycle.health, server)
     reflection.enable_server_reflection(
         [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], server
     )
     lifecycle.track(names)
-    port = server.add_insecure_port(config.server.address)
+    if config.tls.enabled:
+        creds = tls.server_credentials(config.tls.cert, config.tls.key, config.tls.client_ca)
+        port = server.add_secure_port(config.server.address, creds)
+    else:
+        port = server.add_insecure_port(config.server.address)
     if port == 0:
         raise OSError(f"could not bind {config.server.address}")
     return server, port
@@ -108,17 +136,31 @@ def create_server(
 
 async def serve(config: Config) -> int:
     """Run until SIGTERM/SIGINT, then drain. Returns the exit status."""
+    metrics = make_metrics(config)
+    registry = open_registry(config.registry, max_rank=config.cache.max_rank)
+    await asyncio.to_thread(registry.clean_leftovers)
     engine = EngineLoop(
         lambda: load_engine_parts(config.model, config.cache),
-        DirectoryResolver(config.cache.registry),
+        RegistryResolver(registry),
         config.scheduler,
         config.cache,
+        metrics=metrics,
     ).start()
+    engine.on_ready(lambda: setattr(registry, "spec", engine.cache.spec))  # pushes are checked against it
+    jobs = await asyncio.to_thread(open_jobs, config, registry)
+    engine.on_ready(lambda: jobs.set_module_names(engine.cache.spec.linear_shapes))
     lifecycle = Lifecycle(engine)
-    server, port = create_server(config, engine=engine, lifecycle=lifecycle)
+    server, port = create_server(
+        config, engine=engine, registry=registry, jobs=jobs, lifecycle=lifecycle, metrics=metrics
+    )
     await server.start()
     host = config.server.host
-    log.info("listening on %s:%d (health NOT_SERVING until the model is warm)", host, port)
+    transport = "mTLS" if config.tls.client_ca else "TLS" if config.tls.enabled else "plaintext"
+    log.info("listening on %s:%d, %s (health NOT_SERVING until the model is warm)", host, port, transport)
+    if config.metrics.port >= 0:
+        metrics_host = config.metrics.host or host
+        metrics_port = metrics.start_http_server(metrics_host, config.metrics.port)
+        log.info("metrics on http://%s:%d/metrics", metrics_host, metrics_port)
     if config.server.port_file is not None:
         _write_atomically(config.server.port_file, f"{port}\n")
 
@@ -141,9 +183,21 @@ async def serve(config: Config) -> int:
     log.info("draining: new calls get UNAVAILABLE; in-flight calls have %.0f s", config.server.grace_period_s)
     await lifecycle.drain()
     await server.stop(config.server.grace_period_s)
+    await asyncio.to_thread(jobs.close)  # running jobs are failed: the server is going away
     engine.stop(timeout=30)
+    metrics.stop_http_server()
     log.info("stopped")
     return status
+
+
+def _registry_resolver(engine: EngineLoop) -> RegistryResolver | None:
+    resolver = getattr(engine, "resolver", None)
+    return resolver if isinstance(resolver, RegistryResolver) else None
+
+
+def _residence(engine: EngineLoop) -> Callable[[str], str]:
+    """Where an adapter (by cache key) is now: the engine's cache knows once it exists."""
+    return lambda key: engine.cache.residence(key) if engine.cache is not None else "storage"
 
 
 def _write_atomically(path: Path, text: str) -> None:

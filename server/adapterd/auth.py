@@ -28,7 +28,6 @@ Nothing here imports grpc: the training service uses `TenantLimiter` too.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import hmac
 import json
@@ -390,16 +389,10 @@ class TenantLimiter:
 # --- `adapterd hash-token` ---------------------------------------------------------------
 
 
-def hash_token_main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="adapterd hash-token",
-        description="Print the hash of an API token for the auth file. The token is read "
-        "from standard input (never from the command line, which shells keep in history).",
-    )
-    p.add_argument("--new", action="store_true",
-                   help="make a new random token; print it, then its hash")
-    args = p.parse_args(argv)
-    if args.new:
+
+def hash_token_command(new: bool = False) -> int:
+    """`adapterd hash-token [--new]`; returns the exit status."""
+    if new:
         token = new_token()
         print(f"token: {token}")
         print(f'hash = "{hash_token(token)}"')

@@ -12,6 +12,7 @@ To add a concern: write its dataclass with a `from_args(args)` classmethod, its 
 from __future__ import annotations
 
 import argparse
+import ipaddress
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -125,7 +126,6 @@ class CacheConfig:
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> CacheConfig:
         return cls(
-            registry=args.registry,
             gpu_slots=args.gpu_slots,
             cpu_adapters=args.cpu_adapters,
             cpu_bytes=args.cpu_cache_bytes,
@@ -135,11 +135,170 @@ class CacheConfig:
 
 
 @dataclass(frozen=True)
+class RegistryConfig:
+    """Where adapters are stored (registry/store.py) and what a push may be."""
+
+    location: str = "adapters"  # a directory, or s3://bucket/prefix shared by replicas
+    s3_endpoint: str | None = None  # None: AWS itself; else MinIO, Ceph, ...
+    s3_region: str | None = None
+    s3_access_key_id: str | None = None  # None: the usual AWS variables, profiles, roles
+    s3_secret_file: Path | None = None
+    max_adapter_bytes: int = 2**30
+    refresh_s: float | None = None  # None: 0 for a directory, 2 s for S3
+    deleted_grace_s: float = 60.0
+    s3_secret: str | None = field(default=None, init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        _check(bool(self.location), "--registry must not be empty")
+        if self.is_s3:
+            bucket = self.location[len("s3://"):].partition("/")[0]
+            _check(bool(bucket), f"--registry {self.location}: no bucket; use s3://bucket/prefix")
+        else:
+            _check("://" not in self.location, f"--registry {self.location}: use a directory or s3://bucket/prefix")
+            for flag, value in (("--s3-endpoint", self.s3_endpoint), ("--s3-access-key-id", self.s3_access_key_id),
+                                ("--s3-secret-access-key-file", self.s3_secret_file)):
+                _check(value is None, f"{flag} needs --registry s3://bucket/prefix")
+        _check((self.s3_access_key_id is None) == (self.s3_secret_file is None),
+               "--s3-access-key-id and --s3-secret-access-key-file go together: give both or neither")
+        if self.s3_secret_file is not None:
+            try:
+                object.__setattr__(self, "s3_secret", Path(self.s3_secret_file).read_text().strip())
+            except OSError as e:
+                raise ConfigError(f"--s3-secret-access-key-file {self.s3_secret_file}: {e.strerror}") from e
+        _check(self.max_adapter_bytes >= 1, f"--max-adapter-bytes must be >= 1; got {self.max_adapter_bytes}")
+        _check(self.refresh_s is None or self.refresh_s >= 0, f"--registry-refresh must be >= 0; got {self.refresh_s}")
+        _check(self.deleted_grace_s >= 0, f"--deleted-grace must be >= 0; got {self.deleted_grace_s}")
+
+    @property
+    def is_s3(self) -> bool:
+        return self.location.startswith("s3://")
+
+    @property
+    def list_ttl_s(self) -> float:
+        return self.refresh_s if self.refresh_s is not None else (2.0 if self.is_s3 else 0.0)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> RegistryConfig:
+        return cls(
+            location=str(args.registry), s3_endpoint=args.s3_endpoint, s3_region=args.s3_region,
+            s3_access_key_id=args.s3_access_key_id, s3_secret_file=args.s3_secret_access_key_file,
+            max_adapter_bytes=args.max_adapter_bytes, refresh_s=args.registry_refresh,
+            deleted_grace_s=args.deleted_grace,
+        )
+
+
+def is_loopback(host: str) -> bool:
+    """True for addresses only this machine can reach: localhost, 127.0.0.0/8, ::1."""
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a DNS name: it may resolve to anything
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    """Tenants and tokens (--auth-file); the file is read and checked here, at start-up."""
+
+    auth_file: Path | None = None  # None: single tenant, loopback only
+    insecure_open: bool = False
+    tenants: object = field(default=None, init=False, repr=False, compare=False)  # auth.AuthFile
+
+    def __post_init__(self):
+        if self.auth_file is None:
+            return
+        from adapterd.auth import AuthFileError, load_auth_file
+
+        try:
+            object.__setattr__(self, "tenants", load_auth_file(self.auth_file))
+        except AuthFileError as e:
+            raise ConfigError(str(e)) from e
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> AuthConfig:
+        return cls(args.auth_file, args.insecure_open)
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    cert: Path | None = None
+    key: Path | None = None
+    client_ca: Path | None = None  # set: clients must present a certificate it signed (mTLS)
+
+    def __post_init__(self):
+        _check((self.cert is None) == (self.key is None), "--tls-cert and --tls-key go together: give both or neither")
+        _check(self.client_ca is None or self.cert is not None, "--tls-client-ca needs --tls-cert and --tls-key")
+        for flag, path in (("--tls-cert", self.cert), ("--tls-key", self.key), ("--tls-client-ca", self.client_ca)):
+            _check(path is None or Path(path).is_file(), f"{flag} {path}: no such file")
+
+    @property
+    def enabled(self) -> bool:
+        return self.cert is not None
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> TlsConfig:
+        return cls(args.tls_cert, args.tls_key, args.tls_client_ca)
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    port: int = 9400  # -1: no metrics endpoint; 0: any free port
+    host: str | None = None  # None: the gRPC --host
+    top_adapters: int = 20
+
+    def __post_init__(self):
+        _check(-1 <= self.port <= 65535, f"--metrics-port must be in 0..65535, or -1 for none; got {self.port}")
+        _check(self.top_adapters >= 0, f"--metrics-top-adapters must be >= 0; got {self.top_adapters}")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> MetricsConfig:
+        return cls(args.metrics_port, args.metrics_host, args.metrics_top_adapters)
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """Training jobs (training/jobs.py): where they are kept, how many run, what a dataset may be."""
+
+    jobs_dir: Path = Path(".adapterd/training")  # jobs.sqlite3 and one directory per job
+    max_concurrent_jobs: int = 1
+    max_dataset_bytes: int = 100 * 2**20
+    worker_nice: int = 10  # on a shared CPU, inference goes first
+    cancel_grace_s: float = 30.0
+
+    def __post_init__(self):
+        _check(self.max_concurrent_jobs >= 1, f"--max-concurrent-jobs must be >= 1; got {self.max_concurrent_jobs}")
+        _check(self.max_dataset_bytes >= 1, f"--max-dataset-bytes must be >= 1; got {self.max_dataset_bytes}")
+        _check(0 <= self.worker_nice <= 19, f"--training-nice must be in 0..19; got {self.worker_nice}")
+        _check(self.cancel_grace_s >= 0, f"--cancel-grace must be >= 0 seconds; got {self.cancel_grace_s}")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> TrainingConfig:
+        return cls(args.jobs_dir, args.max_concurrent_jobs, args.max_dataset_bytes, args.training_nice,
+                   args.cancel_grace)
+
+
+@dataclass(frozen=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
+    registry: RegistryConfig = field(default_factory=RegistryConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    tls: TlsConfig = field(default_factory=TlsConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+
+    def __post_init__(self):
+        # Without tenants every caller is the admin of everything: never open that to a network by accident.
+        _check(
+            is_loopback(self.server.host) or self.auth.auth_file is not None or self.auth.insecure_open,
+            f"--host {self.server.host} is reachable from other machines and there is no --auth-file: "
+            "give one (tenants and tokens), listen on 127.0.0.1, or pass --insecure-open to serve "
+            "everyone without authentication",
+        )
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Config:
@@ -148,6 +307,11 @@ class Config:
             model=ModelConfig.from_args(args),
             scheduler=SchedulerConfig.from_args(args),
             cache=CacheConfig.from_args(args),
+            registry=RegistryConfig.from_args(args),
+            auth=AuthConfig.from_args(args),
+            tls=TlsConfig.from_args(args),
+            metrics=MetricsConfig.from_args(args),
+            training=TrainingConfig.from_args(args),
         )
 
 
@@ -215,10 +379,6 @@ def add_scheduler_flags(p: argparse._ArgumentGroup) -> None:
 def add_cache_flags(p: argparse._ArgumentGroup) -> None:
     d = CacheConfig()
     p.add_argument(
-        "--registry", type=Path, default=d.registry, metavar="DIR",
-        help="adapter registry root; an adapter NAME is the PEFT directory DIR/NAME (default: ./%(default)s)",
-    )
-    p.add_argument(
         "--gpu-slots", type=int, default=d.gpu_slots,
         help="adapters resident on the accelerator at once, each in a preallocated slot (default: %(default)s)",
     )
@@ -240,12 +400,103 @@ def add_cache_flags(p: argparse._ArgumentGroup) -> None:
     )
 
 
+def add_auth_flags(p: argparse._ArgumentGroup) -> None:
+    p.add_argument(
+        "--auth-file", type=Path, default=None, metavar="FILE",
+        help="tenants, hashed API tokens, roles and per-tenant limits (TOML, or JSON by suffix); "
+        "without it the server has one tenant and listens on loopback only",
+    )
+    p.add_argument(
+        "--insecure-open", action="store_true",
+        help="allow a non-loopback --host without --auth-file: anyone who reaches the port is admin",
+    )
+
+
+def add_tls_flags(p: argparse._ArgumentGroup) -> None:
+    p.add_argument("--tls-cert", type=Path, default=None, metavar="PEM", help="server certificate chain; turns TLS on")
+    p.add_argument("--tls-key", type=Path, default=None, metavar="PEM", help="private key of --tls-cert")
+    p.add_argument(
+        "--tls-client-ca", type=Path, default=None, metavar="PEM",
+        help="require client certificates signed by this CA (mTLS)",
+    )
+
+
+def add_metrics_flags(p: argparse._ArgumentGroup) -> None:
+    d = MetricsConfig()
+    p.add_argument(
+        "--metrics-port", type=int, default=d.port,
+        help="serve Prometheus metrics at http://HOST:PORT/metrics; 0 picks a free port, -1 turns it off "
+        "(default: %(default)s)",
+    )
+    p.add_argument(
+        "--metrics-host", default=None, help="address of the metrics endpoint (default: the same as --host)"
+    )
+    p.add_argument(
+        "--metrics-top-adapters", type=int, default=d.top_adapters,
+        help="adapters with their own metrics label, by traffic; the rest are 'other' (default: %(default)s)",
+    )
+
+
+def add_registry_flags(p: argparse._ArgumentGroup) -> None:
+    d = RegistryConfig()
+    p.add_argument(
+        "--registry", default=d.location, metavar="DIR|s3://BUCKET/PREFIX",
+        help="where pushed adapters are stored: a directory, or S3-compatible object storage that "
+        "several replicas share (default: ./%(default)s)",
+    )
+    p.add_argument("--s3-endpoint", default=None, metavar="URL",
+                   help="S3-compatible endpoint, e.g. http://minio:9000 (default: AWS S3)")
+    p.add_argument("--s3-region", default=None, help="S3 region (default: from AWS_REGION / the AWS config)")
+    p.add_argument("--s3-access-key-id", default=None,
+                   help="S3 access key id; with --s3-secret-access-key-file (default: the usual AWS variables, "
+                   "profiles and roles)")
+    p.add_argument("--s3-secret-access-key-file", type=Path, default=None, metavar="FILE",
+                   help="file holding the S3 secret access key (never on the command line)")
+    p.add_argument("--max-adapter-bytes", type=int, default=d.max_adapter_bytes, metavar="BYTES",
+                   help="largest adapter a push may upload, files together (default: %(default)s)")
+    p.add_argument("--registry-refresh", type=float, default=None, metavar="SECONDS",
+                   help="how long the versions of a name are cached before the store is asked again; "
+                   "pushes on other replicas show up after at most this (default: 0 for a directory, 2 for S3)")
+    p.add_argument("--deleted-grace", type=float, default=d.deleted_grace_s, metavar="SECONDS",
+                   help="a deleted version's files stay this long, so requests that resolved it just before "
+                   "finish (default: %(default)s)")
+
+
 # (group title, flag adder). One line per concern.
+def add_training_flags(p: argparse._ArgumentGroup) -> None:
+    d = TrainingConfig()
+    p.add_argument(
+        "--jobs-dir", type=Path, default=d.jobs_dir, metavar="DIR",
+        help="training jobs, their events and datasets; kept across restarts (default: ./%(default)s)",
+    )
+    p.add_argument(
+        "--max-concurrent-jobs", type=int, default=d.max_concurrent_jobs, metavar="N",
+        help="training jobs running at once, each in its own worker process; others queue (default: %(default)s)",
+    )
+    p.add_argument(
+        "--max-dataset-bytes", type=int, default=d.max_dataset_bytes, metavar="BYTES",
+        help="largest dataset file a training job accepts (default: %(default)s)",
+    )
+    p.add_argument(
+        "--training-nice", type=int, default=d.worker_nice, metavar="N",
+        help="CPU niceness of training workers, so inference goes first (default: %(default)s)",
+    )
+    p.add_argument(
+        "--cancel-grace", type=float, default=d.cancel_grace_s, metavar="SECONDS",
+        help="a cancelled worker that has not stopped after this is killed (default: %(default)s)",
+    )
+
+
 FLAG_GROUPS = [
     ("server", add_server_flags),
     ("base model", add_model_flags),
     ("scheduler", add_scheduler_flags),
     ("adapter cache", add_cache_flags),
+    ("adapter registry", add_registry_flags),
+    ("tenants and auth", add_auth_flags),
+    ("TLS", add_tls_flags),
+    ("metrics", add_metrics_flags),
+    ("training", add_training_flags),
 ]
 
 

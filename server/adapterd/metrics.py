@@ -27,6 +27,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.exposition import start_http_server
 
 from adapterd import __version__
+from adapterd.tenancy import DEFAULT_TENANT
 
 OTHER = "other"
 BASE = "base"  # the label of requests on the base model (adapter "")
@@ -41,15 +42,21 @@ _TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 
 _LOAD_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
 
-def adapter_key(adapter: str) -> str:
-    """The name an adapter is counted under: no version, no "default/" namespace.
+def adapter_key(adapter: str, tenant: str = DEFAULT_TENANT) -> str:
+    """The name an adapter is counted under: "owner/name", no version, and no owner in
+    single-tenant mode. `tenant` is the caller's, the owner of a name given without one.
 
-    "" -> "base"; "summarizer@3" -> "summarizer"; "acme/summarizer@3" -> "acme/summarizer".
+    "" -> "base"; "summarizer@3" of acme -> "acme/summarizer"; "globex/summarizer" ->
+    "globex/summarizer"; "summarizer@3" of the default tenant -> "summarizer".
     """
     name = adapter.split("@", 1)[0]
-    if name.startswith("default/"):
-        name = name[len("default/") :]
-    return name or BASE
+    if not name:
+        return BASE
+    if "/" not in name:
+        name = f"{tenant}/{name}"
+    if name.startswith(DEFAULT_TENANT + "/"):
+        name = name[len(DEFAULT_TENANT) + 1 :]
+    return name
 
 
 class TopKLabels:
@@ -215,8 +222,8 @@ class Metrics:
 
     # --- adapter labels --------------------------------------------------------
 
-    def adapter_label(self, adapter: str, *, claim_free: bool = False) -> str:
-        return self.adapters.label(adapter_key(adapter), claim_free=claim_free)
+    def adapter_label(self, adapter: str, tenant: str = DEFAULT_TENANT, *, claim_free: bool = False) -> str:
+        return self.adapters.label(adapter_key(adapter, tenant), claim_free=claim_free)
 
     def _child(self, metric, *values: str):
         """`metric.labels(*values)`, remembering the series under its adapter label."""
@@ -237,7 +244,7 @@ class Metrics:
 
     def request_done(self, adapter: str, tenant: str, code: str, duration: float) -> None:
         """One inference request finished with `code` (a grpc.StatusCode name)."""
-        key = adapter_key(adapter)
+        key = adapter_key(adapter, tenant)
         # Only served requests earn a label: a flood of unknown names stays in "other".
         label = self.adapters.observe(key) if code == "OK" else self.adapters.label(key)
         self._child(self.requests, label, tenant, code).inc()
@@ -257,15 +264,15 @@ class Metrics:
     def observe_queue_wait(self, seconds: float) -> None:
         self.queue_wait.observe(max(seconds, 0.0))
 
-    def observe_ttft(self, adapter: str, seconds: float) -> None:
-        label = self.adapter_label(adapter, claim_free=True)
+    def observe_ttft(self, adapter: str, seconds: float, tenant: str = DEFAULT_TENANT) -> None:
+        label = self.adapter_label(adapter, tenant, claim_free=True)
         self._child(self.ttft, label).observe(max(seconds, 0.0))
 
-    def observe_tpot(self, adapter: str, seconds: float) -> None:
-        self._child(self.tpot, self.adapter_label(adapter)).observe(max(seconds, 0.0))
+    def observe_tpot(self, adapter: str, seconds: float, tenant: str = DEFAULT_TENANT) -> None:
+        self._child(self.tpot, self.adapter_label(adapter, tenant)).observe(max(seconds, 0.0))
 
-    def count_tokens(self, adapter: str, prompt: int, generated: int) -> None:
-        label = self.adapter_label(adapter, claim_free=True)
+    def count_tokens(self, adapter: str, prompt: int, generated: int, tenant: str = DEFAULT_TENANT) -> None:
+        label = self.adapter_label(adapter, tenant, claim_free=True)
         if prompt > 0:
             self._child(self.prompt_tokens, label).inc(prompt)
         if generated > 0:
@@ -273,7 +280,7 @@ class Metrics:
 
     def request_finished(
         self, adapter: str, *, arrival: float, first_token: float | None, end: float,
-        prompt_tokens: int, generated_tokens: int,
+        prompt_tokens: int, generated_tokens: int, tenant: str = DEFAULT_TENANT,
     ) -> None:
         """Everything the scheduler knows when a row leaves the batch, in one call.
 
@@ -281,10 +288,10 @@ class Metrics:
         tokens after the first, so it needs at least two tokens.
         """
         if first_token is not None:
-            self.observe_ttft(adapter, first_token - arrival)
+            self.observe_ttft(adapter, first_token - arrival, tenant)
             if generated_tokens > 1:
-                self.observe_tpot(adapter, (end - first_token) / (generated_tokens - 1))
-        self.count_tokens(adapter, prompt_tokens, generated_tokens)
+                self.observe_tpot(adapter, (end - first_token) / (generated_tokens - 1), tenant)
+        self.count_tokens(adapter, prompt_tokens, generated_tokens, tenant)
 
     def set_queue_depth(self, n: int) -> None:
         self.queue_depth.set(n)

@@ -6,11 +6,10 @@ import io
 import json
 
 import pytest
-
 from adapterd import auth
 from adapterd.auth import (
-    AuthFileError,
     Authenticator,
+    AuthFileError,
     Quotas,
     TenantLimiter,
     check_role,
@@ -207,12 +206,51 @@ def test_single_tenant_limiter_refuses_nothing():
 
 def test_hash_token_cli(monkeypatch, capsys):
     monkeypatch.setattr("sys.stdin", io.StringIO("s3cret\n"))
-    assert auth.hash_token_main([]) == 0
+    assert auth.hash_token_command() == 0
     assert capsys.readouterr().out.strip() == hash_token("s3cret")
-    assert auth.hash_token_main(["--new"]) == 0
+    assert auth.hash_token_command(new=True) == 0
     out = capsys.readouterr().out.splitlines()
     token = out[0].removeprefix("token: ")
     assert token.startswith("adt_") and len(token) > 40
     assert out[1] == f'hash = "{hash_token(token)}"'
     monkeypatch.setattr("sys.stdin", io.StringIO(""))
-    assert auth.hash_token_main([]) == 2
+    assert auth.hash_token_command() == 2
+
+
+def test_without_auth_file_only_loopback_unless_insecure_open(tmp_path):
+    from adapterd.config import AuthConfig, Config, ConfigError, ServerConfig, TlsConfig
+
+    for host in ("127.0.0.1", "localhost", "::1", "127.0.0.2"):
+        Config(server=ServerConfig(host=host))
+    for host in ("0.0.0.0", "::", "10.0.0.5", "adapterd.example.com"):
+        with pytest.raises(ConfigError, match="--auth-file.*--insecure-open"):
+            Config(server=ServerConfig(host=host))
+        Config(server=ServerConfig(host=host), auth=AuthConfig(insecure_open=True))
+    auth = tmp_path / "auth.toml"
+    auth.write_text(TOML)
+    cfg = Config(server=ServerConfig(host="0.0.0.0"), auth=AuthConfig(auth))
+    assert cfg.auth.tenants.tenants == {"acme", "globex"}
+    # A bad auth file stops start-up with the file's problem, as a flag error.
+    auth.write_text("[tenants.acme]\n")
+    with pytest.raises(ConfigError, match="no tokens"):
+        AuthConfig(auth)
+    # TLS flags come in pairs.
+    with pytest.raises(ConfigError, match="--tls-cert and --tls-key"):
+        TlsConfig(cert=auth)
+    with pytest.raises(ConfigError, match="--tls-client-ca needs"):
+        TlsConfig(client_ca=auth)
+
+
+def test_serve_flags(tmp_path):
+    import argparse
+
+    from adapterd.config import Config, add_serve_flags
+
+    auth = tmp_path / "auth.toml"
+    auth.write_text(TOML)
+    p = argparse.ArgumentParser()
+    add_serve_flags(p)
+    cfg = Config.from_args(p.parse_args(
+        ["--host", "0.0.0.0", "--auth-file", str(auth), "--metrics-port", "9500", "--metrics-top-adapters", "5"]))
+    assert (cfg.metrics.port, cfg.metrics.top_adapters, cfg.auth.auth_file) == (9500, 5, auth)
+    assert Config.from_args(p.parse_args([])).metrics.port == 9400

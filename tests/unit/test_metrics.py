@@ -5,9 +5,8 @@ from __future__ import annotations
 import urllib.request
 
 import pytest
-from prometheus_client import CollectorRegistry
-
 from adapterd.metrics import OTHER, Metrics, TopKLabels, adapter_key
+from prometheus_client import CollectorRegistry
 
 
 @pytest.fixture
@@ -30,24 +29,26 @@ def series_with_label(m: Metrics, label: str) -> set[str]:
     }
 
 
-def test_adapter_key_drops_version_and_default_namespace():
-    assert adapter_key("") == "base"
+def test_adapter_key_is_owner_and_name():
+    assert adapter_key("") == adapter_key("", "acme") == "base"
     assert adapter_key("summarizer@3") == "summarizer"
     assert adapter_key("default/summarizer@3") == "summarizer"
-    assert adapter_key("acme/summarizer@12") == "acme/summarizer"
+    assert adapter_key("summarizer@3", "acme") == "acme/summarizer"
+    assert adapter_key("globex/summarizer@12", "acme") == "globex/summarizer"
 
 
 def test_request_counter_by_adapter_tenant_code(metrics):
     metrics.request_done("a@1", "acme", "OK", 0.2)
-    metrics.request_done("a@2", "acme", "OK", 0.3)
+    metrics.request_done("acme/a@2", "acme", "OK", 0.3)
     metrics.request_done("a", "acme", "RESOURCE_EXHAUSTED", 0.0)
     metrics.request_done("", "acme", "OK", 0.1)
-    assert value(metrics, "adapterd_requests_total", adapter="a", tenant="acme", code="OK") == 2
-    assert value(metrics, "adapterd_requests_total", adapter="a", tenant="acme",
+    ok = dict(tenant="acme", code="OK")
+    assert value(metrics, "adapterd_requests_total", adapter="acme/a", **ok) == 2
+    assert value(metrics, "adapterd_requests_total", adapter="acme/a", tenant="acme",
                  code="RESOURCE_EXHAUSTED") == 1
-    assert value(metrics, "adapterd_requests_total", adapter="base", tenant="acme", code="OK") == 1
-    assert value(metrics, "adapterd_request_duration_seconds_count", adapter="a") == 3
-    assert value(metrics, "adapterd_request_duration_seconds_sum", adapter="a") == pytest.approx(0.5)
+    assert value(metrics, "adapterd_requests_total", adapter="base", **ok) == 1
+    assert value(metrics, "adapterd_request_duration_seconds_count", adapter="acme/a") == 3
+    assert value(metrics, "adapterd_request_duration_seconds_sum", adapter="acme/a") == pytest.approx(0.5)
 
 
 def test_unknown_adapters_never_earn_a_label(metrics):
@@ -62,16 +63,16 @@ def test_adapter_labels_stay_bounded_under_many_adapters(metrics):
     # Three busy adapters take the K=3 places; a thousand one-off ones fold into "other".
     for _ in range(20):
         for name in ("hot1", "hot2", "hot3"):
-            metrics.request_done(name, "t", "OK", 0.01)
+            metrics.request_done(name, "default", "OK", 0.01)
             metrics.request_finished(name, arrival=0.0, first_token=0.1, end=0.5,
                                      prompt_tokens=4, generated_tokens=5)
     for i in range(1000):
-        metrics.request_done(f"cold-{i}", "t", "OK", 0.01)
+        metrics.request_done(f"cold-{i}", "default", "OK", 0.01)
         metrics.request_finished(f"cold-{i}", arrival=0.0, first_token=0.1, end=0.5,
                                  prompt_tokens=4, generated_tokens=5)
     assert series_with_label(metrics, "adapter") == {"hot1", "hot2", "hot3", OTHER}
     total = sum(
-        value(metrics, "adapterd_requests_total", adapter=a, tenant="t", code="OK")
+        value(metrics, "adapterd_requests_total", adapter=a, tenant="default", code="OK")
         for a in ("hot1", "hot2", "hot3", OTHER)
     )
     assert total == 60 + 1000
@@ -81,9 +82,9 @@ def test_adapter_labels_stay_bounded_under_many_adapters(metrics):
 def test_a_newly_busy_adapter_takes_the_place_of_the_least_busy_one(metrics):
     for name, n in (("a", 10), ("b", 10), ("c", 2)):
         for _ in range(n):
-            metrics.request_done(name, "t", "OK", 0.01)
+            metrics.request_done(name, "default", "OK", 0.01)
     for _ in range(5):
-        metrics.request_done("d", "t", "OK", 0.01)
+        metrics.request_done("d", "default", "OK", 0.01)
     assert metrics.adapters.labelled == {"a", "b", "d"}
     # c's series are gone, so the count of series stays at K + 1 per label set.
     assert series_with_label(metrics, "adapter") == {"a", "b", "d", OTHER}
@@ -109,7 +110,7 @@ def test_topk_memory_is_bounded():
 
 
 def test_ttft_tpot_and_tokens_from_request_finished(metrics):
-    metrics.request_done("a", "t", "OK", 1.0)
+    metrics.request_done("a", "default", "OK", 1.0)
     metrics.request_finished("a", arrival=10.0, first_token=10.25, end=11.25,
                              prompt_tokens=7, generated_tokens=5)
     assert value(metrics, "adapterd_time_to_first_token_seconds_count", adapter="a") == 1
@@ -164,18 +165,18 @@ def test_build_info(metrics):
 
 def test_two_servers_in_one_process_do_not_share_metrics():
     a, b = Metrics(CollectorRegistry()), Metrics(CollectorRegistry())
-    a.request_done("x", "t", "OK", 0.1)
-    assert value(b, "adapterd_requests_total", adapter="x", tenant="t", code="OK") == 0
+    a.request_done("x", "default", "OK", 0.1)
+    assert value(b, "adapterd_requests_total", adapter="x", tenant="default", code="OK") == 0
 
 
 def test_http_exposition(metrics):
-    metrics.request_done("a", "t", "OK", 0.1)
+    metrics.request_done("a", "default", "OK", 0.1)
     port = metrics.start_http_server("127.0.0.1", 0)
     try:
         assert metrics.http_port == port > 0
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
             text = r.read().decode()
-        assert 'adapterd_requests_total{adapter="a",code="OK",tenant="t"} 1.0' in text
+        assert 'adapterd_requests_total{adapter="a",code="OK",tenant="default"} 1.0' in text
         assert "# TYPE adapterd_time_to_first_token_seconds histogram" in text
     finally:
         metrics.stop_http_server()

@@ -123,8 +123,10 @@ class EngineLoop:
         resolver: Resolver,
         scheduler: SchedulerConfig,
         cache: CacheConfig,
+        metrics=None,  # adapterd.metrics.Metrics, or None
     ):
         self._build = parts if callable(parts) else (lambda: parts)
+        self.metrics = metrics
         self.resolver = resolver
         self.config = scheduler
         self.cache_config = cache
@@ -238,6 +240,7 @@ class EngineLoop:
             deadline=deadline,
             sink=_Sink(asyncio.get_running_loop(), queue),
             on_start=on_start,
+            tenant=tenant,
         )
         with self._cv:
             if self._draining:
@@ -293,7 +296,9 @@ class EngineLoop:
             )
         self.tokenizer = parts.tokenizer
         self._gen = Generator(parts.model, parts.tokenizer, parts.slots)
-        self.cache = AdapterCache(parts.slots, parts.spec, self.cache_config, on_load_done=self._wake)
+        self.cache = AdapterCache(
+            parts.slots, parts.spec, self.cache_config, on_load_done=self._wake, metrics=self.metrics
+        )
         self._sched = Scheduler(self.cache, self.config.max_wait_ms / 1000)
         self._warm_up()
 
@@ -317,12 +322,16 @@ class EngineLoop:
                     return
             for sub in inbox:
                 self._sched.add(sub)
+                self._observe_arrival(sub)
             try:
                 self._iterate(cancels)
             except Exception:  # noqa: BLE001 - a bug here must not end the loop for everyone
                 log.exception("engine loop iteration failed; failing the running rows")
                 self._fail_running(errors.AdapterdError("internal error in the engine; see the server log"))
             self._flush()
+            if self.metrics is not None:
+                self.metrics.set_queue_depth(self._queued)
+                self.metrics.set_batch_size(len(self._running))
 
     def _idle_timeout(self) -> float | None:
         deadline = self._sched.next_timer()
@@ -358,8 +367,11 @@ class EngineLoop:
     def _prefill(self, subs: list[Submission]) -> None:
         with self._cv:
             self._queued -= len(subs)
+        now = time.monotonic()
         for sub in subs:
             self._running[sub.id] = sub
+            if self.metrics is not None:
+                self.metrics.observe_queue_wait(now - sub.arrival)
             if sub.on_start is not None:
                 try:
                     sub.on_start()
@@ -391,14 +403,47 @@ class EngineLoop:
         self._dispatch(events)
 
     def _dispatch(self, events: list[TokenEvent]) -> None:
+        now = time.monotonic()
         for ev in events:
             sub = self._running.get(ev.request_id)
             if sub is None:
                 continue
+            if sub.first_token is None:
+                sub.first_token = now
             self._deliver(sub, ev)
             if ev.finished:
                 del self._running[sub.id]
                 self._sched.release(sub)
+                self._observe_finished(sub, ev, now)
+
+    # --- metrics (engine thread) ---------------------------------------------------------
+
+    def _observe_arrival(self, sub: Submission) -> None:
+        """Count where the request's adapter is now: a slot (device hit), the CPU tier
+        (device miss, CPU hit), or only the registry (a miss in both)."""
+        m = self.metrics
+        if m is None or sub.key is None:
+            return
+        if self.cache.slot_of(sub.key) is not None:
+            m.cache_hit("device")
+            return
+        m.cache_miss("device")
+        if self.cache.is_ready(sub.key):
+            m.cache_hit("cpu")
+        else:
+            m.cache_miss("cpu")
+
+    def _observe_finished(self, sub: Submission, ev: TokenEvent, now: float) -> None:
+        if self.metrics is not None:
+            self.metrics.request_finished(
+                sub.adapter.name if sub.adapter is not None else "",
+                tenant=sub.tenant,
+                arrival=sub.arrival,
+                first_token=sub.first_token,
+                end=now,
+                prompt_tokens=len(sub.prompt_ids),
+                generated_tokens=ev.completion_tokens,
+            )
 
     def _fail(self, sub: Submission, error: errors.AdapterdError) -> None:
         """End one request with `error`, wherever it is (waiting or running)."""

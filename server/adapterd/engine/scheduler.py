@@ -35,6 +35,8 @@ class Submission:
     slot: int = 0
     pinned: bool = field(default=False)
     on_start: Callable[[], None] | None = None  # called on the engine thread at admission
+    tenant: str = "default"  # who asked: metrics count adapters by owner
+    first_token: float | None = None  # monotonic seconds, for time-to-first-token
 
     @property
     def key(self) -> str | None:

@@ -114,7 +114,11 @@ class AdapterCache:
     """Accelerator slots (`slots`, a LoraSlots) plus a CPU tier. Engine thread only, except
     `on_load_done`, which the pool calls when a load ends (to wake the engine)."""
 
-    def __init__(self, slots, spec, config: CacheConfig, *, on_load_done: Callable[[], None] = lambda: None):
+    def __init__(
+        self, slots, spec, config: CacheConfig, *, on_load_done: Callable[[], None] = lambda: None, metrics=None
+    ):
+        self.metrics = metrics  # adapterd.metrics.Metrics, or None
+        self._load_started: dict[str, float] = {}
         self.slots = slots
         self.spec = spec
         self.config = config
@@ -154,6 +158,11 @@ class AdapterCache:
     def resident_keys(self) -> list[str]:
         return list(self._resident)
 
+    def residence(self, key: str) -> str:
+        """"gpu" (in a slot), "cpu" (in the CPU tier) or "storage". Safe from any thread: a
+        membership test, so at worst one step stale."""
+        return "gpu" if key in self._resident else "cpu" if key in self._cpu else "storage"
+
     # --- loads, off the step path -------------------------------------------------------
 
     def ensure_loading(self, adapter: ResolvedAdapter) -> None:
@@ -163,6 +172,7 @@ class AdapterCache:
         if key in self._resident or key in self._cpu or key in self._loading or self.failure(key):
             return
         self.stats.loads += 1
+        self._load_started[key] = time.monotonic()
         future = self._pool.submit(adapter.load, self.spec, self.slots.max_rank)
         self._loading[key] = (adapter, future)
         future.add_done_callback(lambda _: self._on_load_done())
@@ -175,6 +185,7 @@ class AdapterCache:
             if not future.done():
                 continue
             del self._loading[key]
+            started = self._load_started.pop(key, time.monotonic())
             try:
                 weights = future.result()
             except Exception as e:  # noqa: BLE001 - every failure becomes the requests' error
@@ -182,6 +193,8 @@ class AdapterCache:
                 failed.append(key)
                 continue
             self._cpu_put(key, weights, wanted)
+            self._observe("adapter_loaded", "cpu", time.monotonic() - started)
+        self._observe_resident()
         return failed
 
     # --- slots, on the engine thread between steps --------------------------------------
@@ -193,6 +206,7 @@ class AdapterCache:
         weights, _ = self._cpu[key]
         self._cpu.move_to_end(key)
         slot = self._take_slot()
+        started = time.monotonic()
         try:
             self.slots.load(slot, weights)
         except Exception as e:  # noqa: BLE001 - e.g. a module the server cannot batch
@@ -202,6 +216,8 @@ class AdapterCache:
             raise self._fail(key, adapter.name, e) from e
         self.stats.slot_copies += 1
         self._resident[key] = slot
+        self._observe("adapter_loaded", "device", time.monotonic() - started)
+        self._observe_resident()
         return slot
 
     def pin(self, key: str) -> None:
@@ -226,6 +242,7 @@ class AdapterCache:
             return self._free.pop()
         victim = next(k for k in self._resident if self._pins[k] == 0)
         self.stats.gpu_evictions += 1
+        self._observe("adapter_evicted", "device")
         return self._resident.pop(victim)
 
     def _cpu_put(self, key: str, weights, wanted: set[str]) -> None:
@@ -242,6 +259,7 @@ class AdapterCache:
                     continue
                 self._cpu_drop(victim)
                 self.stats.cpu_evictions += 1
+                self._observe("adapter_evicted", "cpu")
 
     def _cpu_drop(self, key: str) -> None:
         _, size = self._cpu.pop(key, (None, 0))
@@ -254,5 +272,15 @@ class AdapterCache:
             err = errors.FailedPrecondition(f"adapter {name!r} could not be loaded: {type(e).__name__}: {e}")
         log.warning("%s", err)
         self.stats.load_failures += 1
+        self._observe("adapter_load_failed", err.code)
         self._failed[key] = _Failure(err, time.monotonic() + self.config.failed_load_ttl_s)
         return err
+
+    def _observe(self, event: str, *args) -> None:
+        if self.metrics is not None:
+            getattr(self.metrics, event)(*args)
+
+    def _observe_resident(self) -> None:
+        if self.metrics is not None:
+            self.metrics.set_resident("device", len(self._resident))
+            self.metrics.set_resident("cpu", len(self._cpu))

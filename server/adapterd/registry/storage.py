@@ -17,11 +17,14 @@ aborted at the next start once it is old enough.
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import fcntl
 import os
 import re
 import shutil
 import socket
+import tempfile
 import time
 import uuid
 from abc import ABC, abstractmethod
@@ -59,6 +62,22 @@ class Storage(ABC):
     """Flat keys -> immutable bytes. Thread-safe; every call may block (S3: network)."""
 
     url: str
+    # True when sweep_lock() excludes every push in progress (then a sweep is exact);
+    # otherwise a sweep relies on pending notes and modification times.
+    exclusive_sweeps = False
+    mtime_slack_s = 0.0  # the resolution of ObjectInfo.mtime
+
+    def push_lock(self) -> contextlib.AbstractContextManager:
+        """Held (shared) for a whole push."""
+        return contextlib.nullcontext()
+
+    def sweep_lock(self) -> contextlib.AbstractContextManager:
+        """Held (exclusive) while unreferenced blobs are removed."""
+        return contextlib.nullcontext()
+
+    def staging_dir(self) -> contextlib.AbstractContextManager[Path]:
+        """A private local directory for an upload in progress, removed afterwards."""
+        return tempfile.TemporaryDirectory(prefix="adapterd-push-")
 
     @abstractmethod
     def put(self, key: str, src: Path | bytes) -> None:
@@ -114,6 +133,8 @@ def _pid_alive(pid: int) -> bool:
 
 
 class LocalStorage(Storage):
+    exclusive_sweeps = True  # flock excludes every process on this host that uses the root
+
     def __init__(self, root: Path):
         self.root = Path(root).absolute()
         self.root.mkdir(parents=True, exist_ok=True)
@@ -128,6 +149,32 @@ class LocalStorage(Storage):
         if not real.is_relative_to(self._real_root):
             raise errors.PermissionDenied(f"registry path {key!r} leads out of the registry root {self.root}")
         return path
+
+    @contextlib.contextmanager
+    def _flock(self, mode: int):
+        fd = os.open(self.root / TMP_DIR / "lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        try:
+            fcntl.flock(fd, mode)  # released by the kernel if this process dies
+            yield
+        finally:
+            os.close(fd)
+
+    def push_lock(self):
+        return self._flock(fcntl.LOCK_SH)
+
+    def sweep_lock(self):
+        return self._flock(fcntl.LOCK_EX)
+
+    @contextlib.contextmanager
+    def staging_dir(self):
+        # Inside the root: nothing is written elsewhere, and a crash's leftovers are found
+        # (and removed) by clean_partial_writes like any temp file.
+        path = Path(f"{self._tmp()}.d")
+        path.mkdir()
+        try:
+            yield path
+        finally:
+            shutil.rmtree(path, ignore_errors=True)
 
     def _tmp(self) -> Path:
         return self.root / TMP_DIR / f"{_writer_tag()}-{uuid.uuid4().hex}"
@@ -228,9 +275,12 @@ class LocalStorage(Storage):
         self._fsync_dir(path.parent)
 
     def clean_partial_writes(self, older_than_s: float) -> int:
-        """Temp files of writers that died (same host, pid gone) or that are old."""
+        """Temp files and upload directories of writers that died (same host, pid gone) or
+        that are old."""
         host, removed, now = socket.gethostname(), 0, time.time()
         for tmp in (self.root / TMP_DIR).iterdir():
+            if tmp.name == "lock":
+                continue
             writer_host, _, rest = tmp.name.rpartition("-")[0].rpartition("-")
             dead = writer_host == host and rest.isdigit() and not _pid_alive(int(rest))
             try:
@@ -238,7 +288,10 @@ class LocalStorage(Storage):
             except FileNotFoundError:
                 continue
             if dead or old:
-                tmp.unlink(missing_ok=True)
+                if tmp.is_dir() and not tmp.is_symlink():
+                    shutil.rmtree(tmp, ignore_errors=True)
+                else:
+                    tmp.unlink(missing_ok=True)
                 removed += 1
         return removed
 
@@ -255,6 +308,8 @@ class S3Options:
 
 
 class S3Storage(Storage):
+    mtime_slack_s = 1.0  # LastModified has whole seconds
+
     def __init__(self, bucket: str, prefix: str = "", options: S3Options | None = None, client=None):
         import boto3
         from boto3.s3.transfer import TransferConfig

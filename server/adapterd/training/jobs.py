@@ -275,16 +275,17 @@ def _from_row(row: sqlite3.Row) -> Job:
 class JobManager:
     """The jobs of every tenant: create, read, cancel, follow; and the runner."""
 
-    def __init__(self, config: JobsConfig, *, tokenizer, publish: Publish, module_names: Iterable[str] = (),
+    def __init__(self, config: JobsConfig, *, publish: Publish, tokenizer=None, module_names: Iterable[str] = (),
                  metrics=None):
-        """`tokenizer`: the base model's, to check example lengths; `module_names`: the base
-        model's linear modules, to check --target-modules before a job is queued; `metrics`:
-        an adapterd.metrics.Metrics for jobs by state and the running jobs' loss."""
+        """`tokenizer`: the base model's, to check example lengths (default: loaded from
+        config.base_model at start); `module_names`: the base model's linear modules, to check
+        --target-modules before a job is queued (or later, set_module_names); `metrics`: an
+        adapterd.metrics.Metrics for jobs by state and the running jobs' loss."""
         self.config = config
         self.metrics = metrics
         self.tokenizer = tokenizer
         self.publish = publish
-        self.module_names = frozenset(n.rsplit(".", 1)[-1] for n in module_names)
+        self.set_module_names(module_names)
         config.root.mkdir(parents=True, exist_ok=True)
         self.store = JobStore(config.root / "jobs.sqlite3")
         self._cond = threading.Condition()

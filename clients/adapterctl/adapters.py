@@ -1,0 +1,296 @@
+"""`adapterctl push | list | show | delete`: the adapter registry, and its client library.
+
+    push DIR --name N [--description D] [--public]   check locally, then upload -> name@N+1
+    list [--json] [--all-versions] [--name N]        a table of the adapters you can see
+    show NAME[@V] [--json]                           one version in full
+    delete NAME[@V]                                  one version, or every version of NAME
+
+`push` checks the adapter with the server's own rules (adapter_check.py, against the base
+model's layers from GetPushRules) before sending a byte, so a mistake shows at once; the
+server checks again. Library use:
+
+    with Client(addr) as c:
+        AdaptersClient(c).push(Path("out/my-lora"), "my-lora")
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import grpc
+from adapterd_api.v1 import adapters_pb2 as pb
+from adapterd_api.v1 import adapters_pb2_grpc as pb_grpc
+from google.protobuf.json_format import MessageToDict
+
+from adapterctl import adapter_check as check
+from adapterctl.client import Client
+
+CHUNK_BYTES = 1 << 20
+PROGRESS_FROM_BYTES = 8 << 20  # a progress bar for files this large
+
+# A failed local check exits as the server's answer would: 10 + the status code number.
+_CHECK_CODES = {
+    check.AdapterMismatch: grpc.StatusCode.FAILED_PRECONDITION,
+    check.AdapterTooLarge: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    check.CheckError: grpc.StatusCode.INVALID_ARGUMENT,
+}
+
+
+def check_code(e: check.CheckError) -> grpc.StatusCode:
+    return next(code for cls, code in _CHECK_CODES.items() if isinstance(e, cls))
+
+
+# ---- library ------------------------------------------------------------------------------
+
+
+def adapter_files(directory: Path) -> list[tuple[str, Path]]:
+    """The two files of a PEFT adapter directory; refuses a pickled .bin and links out."""
+    _, weights = check.read_adapter_dir(Path(directory))
+    return [(check.CONFIG_FILE, Path(directory) / check.CONFIG_FILE), (check.WEIGHTS_FILE, weights)]
+
+
+def check_locally(directory: Path, rules: pb.PushRules | None = None) -> check.CheckedAdapter:
+    """The server's checks, here. With `rules` also rank, size and fit to the base model."""
+    config_bytes, weights = check.read_adapter_dir(Path(directory))
+    if rules is None:
+        return check.check_adapter(config_bytes, weights)
+    shapes = {p: (s.in_features, s.out_features) for p, s in rules.linear_shapes.items()} or None
+    return check.check_adapter(
+        config_bytes, weights, linear_shapes=shapes,
+        max_rank=rules.max_rank or None, max_bytes=rules.max_adapter_bytes or None,
+    )
+
+
+def push_requests(
+    files: list[tuple[str, Path]],
+    name: str,
+    *,
+    description: str = "",
+    public: bool = False,
+    chunk_bytes: int = CHUNK_BYTES,
+    progress: Callable[[int], None] | None = None,
+) -> Iterator[pb.PushAdapterRequest]:
+    """The PushAdapter stream: the header (names, sizes, sha256s), then every file's bytes."""
+    infos = [pb.FileInfo(name=n, size=p.stat().st_size, sha256=check.sha256_file(p)) for n, p in files]
+    yield pb.PushAdapterRequest(header=pb.PushHeader(
+        name=name, description=description, files=infos,
+        visibility=pb.VISIBILITY_PUBLIC if public else pb.VISIBILITY_PRIVATE,
+    ))
+    for _, path in files:
+        with open(path, "rb") as f:
+            while block := f.read(chunk_bytes):
+                yield pb.PushAdapterRequest(chunk=pb.FileChunk(data=block))
+                if progress is not None:
+                    progress(len(block))
+
+
+class AdaptersClient:
+    """The Adapters RPCs over a Client's channel, with its metadata and timeout."""
+
+    def __init__(self, client: Client):
+        self.client = client
+        self.stub = pb_grpc.AdaptersStub(client.channel)
+
+    def _kw(self) -> dict:
+        return {"metadata": self.client.metadata, "timeout": self.client.timeout}
+
+    def rules(self) -> pb.PushRules:
+        return self.stub.GetPushRules(pb.GetPushRulesRequest(), **self._kw())
+
+    def push(self, directory: Path, name: str, *, description: str = "", public: bool = False,
+             check_first: bool = True, progress: Callable[[int], None] | None = None) -> pb.Adapter:
+        """Check (unless check_first=False), then upload. Raises check.CheckError or grpc.RpcError."""
+        check.check_name(name)
+        if check_first:
+            check_locally(directory, self.rules())
+        requests = push_requests(adapter_files(directory), name, description=description, public=public,
+                                 progress=progress)
+        return self.stub.PushAdapter(requests, **self._kw())
+
+    def list(self, **filters) -> Iterator[pb.Adapter]:
+        """Every adapter matching the ListAdaptersRequest fields in `filters`, page by page."""
+        token = ""
+        while True:
+            page = self.stub.ListAdapters(pb.ListAdaptersRequest(page_token=token, **filters), **self._kw())
+            yield from page.adapters
+            token = page.next_page_token
+            if not token:
+                return
+
+    def get(self, ref: str) -> pb.Adapter:
+        return self.stub.GetAdapter(pb.GetAdapterRequest(adapter=ref), **self._kw())
+
+    def delete(self, ref: str) -> list[pb.Adapter]:
+        return list(self.stub.DeleteAdapter(pb.DeleteAdapterRequest(adapter=ref), **self._kw()).deleted)
+
+
+# ---- commands -----------------------------------------------------------------------------
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "push", help="push a PEFT adapter directory as the next version of NAME",
+        description="Check DIR (adapter_config.json + adapter_model.safetensors) with the server's rules, "
+        "then upload it as NAME@N+1. A pickled adapter_model.bin is refused: save with "
+        "safe_serialization=True.",
+    )
+    p.add_argument("dir", type=Path, metavar="DIR")
+    p.add_argument("--name", required=True, help="[a-z0-9][a-z0-9._-]{0,63}")
+    p.add_argument("--description", default="", help="a line about what the adapter does")
+    p.add_argument("--public", action="store_true", help="let every tenant use it (default: yours only)")
+    p.add_argument("--no-check", action="store_true", help="skip the local check (the server checks anyway)")
+    p.add_argument("--json", action="store_true", help="print the new version as JSON")
+    p.set_defaults(run=run_push)
+
+    p = subparsers.add_parser("list", help="list the adapters you can see",
+                              description="Your adapters and other tenants' public ones, latest version of each.")
+    p.add_argument("--json", action="store_true", help="one JSON object per line instead of a table")
+    p.add_argument("--all-versions", action="store_true", help="every live version, not only the latest")
+    p.add_argument("--name", default="", help="only this name")
+    p.add_argument("--tenant", default="", help="only this tenant's adapters")
+    p.set_defaults(run=run_list)
+
+    p = subparsers.add_parser("show", help="show one adapter version in full")
+    p.add_argument("ref", metavar="NAME[@V]", help='"name" (latest), "name@3" or "tenant/name@3"')
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(run=run_show)
+
+    p = subparsers.add_parser(
+        "delete", help="delete one version (NAME@V) or every version (NAME)",
+        description="Requests already running on it finish; new ones get NOT_FOUND. Numbers are not reused.",
+    )
+    p.add_argument("ref", metavar="NAME[@V]")
+    p.set_defaults(run=run_delete)
+
+
+def run_push(args: argparse.Namespace) -> int:
+    try:
+        with Client.from_args(args) as client:
+            ctl = AdaptersClient(client)
+            check.check_name(args.name)
+            files = adapter_files(args.dir)
+            if not args.no_check:
+                check_locally(args.dir, ctl.rules())
+            total = sum(p.stat().st_size for _, p in files)
+            bar = ProgressBar(total) if total >= PROGRESS_FROM_BYTES and sys.stderr.isatty() else None
+            requests = push_requests(files, args.name, description=args.description, public=args.public,
+                                     progress=bar.advance if bar else None)
+            adapter = ctl.stub.PushAdapter(requests, **ctl._kw())
+            if bar:
+                bar.done()
+    except check.CheckError as e:
+        code = check_code(e)
+        print(f"adapterctl: {code.name}: {e} (checked locally; nothing was uploaded)", file=sys.stderr)
+        return 10 + code.value[0]
+    if args.json:
+        print(_json(adapter))
+    else:
+        print(f"pushed {adapter.ref} (sha256 {adapter.sha256[:12]}, {_size(adapter.size_bytes)}, rank {adapter.rank})")
+    return 0
+
+
+def run_list(args: argparse.Namespace) -> int:
+    with Client.from_args(args) as client:
+        adapters = list(AdaptersClient(client).list(name=args.name, tenant=args.tenant, all_versions=args.all_versions))
+    if args.json:
+        for a in adapters:
+            print(_json(a))
+        return 0
+    print(table(adapters))
+    return 0
+
+
+def run_show(args: argparse.Namespace) -> int:
+    with Client.from_args(args) as client:
+        adapter = AdaptersClient(client).get(args.ref)
+    if args.json:
+        print(_json(adapter))
+        return 0
+    d = _dict(adapter)
+    width = max(len(k) for k in d)
+    for key, value in d.items():
+        if isinstance(value, list) and not any(isinstance(v, dict) for v in value):
+            shown = ", ".join(map(str, value))
+        elif isinstance(value, (dict, list)):
+            shown = json.dumps(value)
+        elif key in ("visibility", "source", "residence"):
+            shown = str(value).removeprefix(key.upper() + "_").lower()
+        else:
+            shown = str(value)
+        print(f"{key:<{width}}  {shown or '-'}")
+    return 0
+
+
+def run_delete(args: argparse.Namespace) -> int:
+    with Client.from_args(args) as client:
+        deleted = AdaptersClient(client).delete(args.ref)
+    for a in deleted:
+        print(f"deleted {a.ref}")
+    return 0
+
+
+# ---- output -------------------------------------------------------------------------------
+
+COLUMNS = ("NAME", "VERSION", "TENANT", "RANK", "SIZE", "WHERE", "REQUESTS", "SOURCE", "VISIBILITY", "CREATED",
+           "DESCRIPTION")
+
+
+def table(adapters: list[pb.Adapter]) -> str:
+    rows = [COLUMNS] + [(
+        a.name, str(a.version), a.tenant, str(a.rank), _size(a.size_bytes),
+        pb.Residence.Name(a.residence).removeprefix("RESIDENCE_").lower(), str(a.request_count),
+        pb.Source.Name(a.source).removeprefix("SOURCE_").lower() + (f" ({a.job_id})" if a.job_id else ""),
+        pb.Visibility.Name(a.visibility).removeprefix("VISIBILITY_").lower(),
+        time.strftime("%Y-%m-%d %H:%M", time.localtime(a.created_at.seconds)),
+        a.description if len(a.description) <= 40 else a.description[:39] + "…",
+    ) for a in adapters]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(COLUMNS))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows)
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def _dict(message) -> dict:
+    return MessageToDict(message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+
+
+def _json(message) -> str:
+    return json.dumps(_dict(message), ensure_ascii=False)
+
+
+class ProgressBar:
+    """One line on stderr: [#####     ]  42%  12.0/28.5 MiB  3.1 MiB/s."""
+
+    def __init__(self, total: int, width: int = 30):
+        self.total, self.width, self.sent = max(total, 1), width, 0
+        self.start = self._last = time.monotonic()
+
+    def advance(self, n: int) -> None:
+        self.sent += n
+        now = time.monotonic()
+        if now - self._last >= 0.1 or self.sent >= self.total:
+            self._last = now
+            self._draw(now)
+
+    def _draw(self, now: float) -> None:
+        frac = min(self.sent / self.total, 1.0)
+        filled = int(frac * self.width)
+        rate = self.sent / max(now - self.start, 1e-6)
+        sys.stderr.write(f"\r[{'#' * filled}{' ' * (self.width - filled)}] {frac:4.0%}  "
+                         f"{_size(self.sent)}/{_size(self.total)}  {_size(int(rate))}/s")
+        sys.stderr.flush()
+
+    def done(self) -> None:
+        self._draw(time.monotonic())
+        sys.stderr.write("\n")

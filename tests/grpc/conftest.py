@@ -1,0 +1,71 @@
+"""Fixtures for the gRPC tests: the tiny Llama in NF4 with its LoRA slots (one load per slot
+count for the session), a registry directory of random PEFT adapters, and `serve(...)`,
+which starts a real server on port 0 and stops it after the test."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+from tests.grpc_harness import TEST_SCHEDULER, RunningServer
+
+from adapterd.config import CacheConfig, ModelConfig
+from adapterd.engine.loop import load_engine_parts
+from adapterd.registry.cache import DirectoryResolver
+
+ADAPTERS = [f"a{i}" for i in range(8)]
+MAX_RANK = 16
+
+
+@pytest.fixture(scope="session")
+def tiny_base(model_factory):
+    return model_factory("llama")
+
+
+@pytest.fixture(scope="session")
+def registry_root(tiny_base, adapter_factory, tmp_path_factory):
+    """ROOT/a0..a7: random PEFT adapters; ROOT/corrupt: garbage weights; ROOT/pickled: a .bin."""
+    root = tmp_path_factory.mktemp("registry")
+    for i, name in enumerate(ADAPTERS):
+        shutil.copytree(adapter_factory(tiny_base, "llama", seed=100 + i, rank=4 + 4 * (i % 2)), root / name)
+    shutil.copytree(root / "a0", root / "corrupt")
+    (root / "corrupt" / "adapter_model.safetensors").write_bytes(b"\x00" * 64)
+    (root / "pickled").mkdir()
+    shutil.copy(root / "a0" / "adapter_config.json", root / "pickled")
+    (root / "pickled" / "adapter_model.bin").write_bytes(b"\x80\x02}q\x00.")
+    return root
+
+
+@pytest.fixture(scope="session")
+def parts_for(tiny_base):
+    """parts_for(gpu_slots) -> EngineParts of the tiny base, loaded once per slot count."""
+    loaded = {}
+
+    def get(gpu_slots: int):
+        if gpu_slots not in loaded:
+            loaded[gpu_slots] = load_engine_parts(
+                ModelConfig(base_model=tiny_base), CacheConfig(gpu_slots=gpu_slots, max_rank=MAX_RANK)
+            )
+        return loaded[gpu_slots]
+
+    return get
+
+
+@pytest.fixture
+def serve(parts_for, registry_root):
+    """serve(gpu_slots=8, resolver=None, scheduler=None, wait_ready=True, **cache_kw) -> RunningServer."""
+    running: list[RunningServer] = []
+
+    def start(*, gpu_slots: int = 8, resolver=None, scheduler=None, wait_ready: bool = True, **cache_kw):
+        parts = parts_for(gpu_slots)
+        cache = CacheConfig(registry=registry_root, gpu_slots=gpu_slots, max_rank=MAX_RANK, **cache_kw)
+        server = RunningServer.start(
+            parts, resolver or DirectoryResolver(registry_root),
+            scheduler=scheduler or TEST_SCHEDULER, cache=cache, wait_ready=wait_ready,
+        )
+        running.append(server)
+        return server
+
+    yield start
+    for server in running:
+        server.stop()

@@ -1,0 +1,104 @@
+"""The server as a process: reflection, health, and draining on SIGTERM with streams open."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import grpc
+from adapterd_api.v1 import inference_pb2 as pb
+from adapterd_api.v1 import inference_pb2_grpc as pb_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from adapterctl.client import Client
+from tests.grpc_harness import request
+
+
+def test_reflection_lists_the_services(serve):
+    server = serve()
+    stub = reflection_pb2_grpc.ServerReflectionStub(server.channel)
+    responses = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+    names = {s.name for s in next(responses).list_services_response.service}
+    assert {"adapterd.v1.Inference", "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"} <= names
+
+
+def _wait_serving(addr: str, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    with Client(addr, timeout=2) as client:
+        while True:
+            assert proc.poll() is None, "adapterd exited during start-up"
+            try:
+                if client.health() == "SERVING":
+                    return
+            except grpc.RpcError:
+                pass
+            assert time.monotonic() < deadline, "adapterd did not become SERVING"
+            time.sleep(0.2)
+
+
+def test_sigterm_drains_open_streams_and_exits_zero(tiny_base, registry_root, tmp_path):
+    port_file = tmp_path / "port"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "adapterd", "serve", "--port", "0", "--port-file", str(port_file),
+         "--base-model", str(tiny_base), "--registry", str(registry_root), "--max-rank", "16",
+         "--gpu-slots", "4", "--max-input-tokens", "64", "--max-total-tokens", "256",
+         "--grace-period", "60", "--metrics-port", "-1"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not port_file.exists():
+            assert proc.poll() is None, proc.stdout.read()
+            assert time.monotonic() < deadline, "no port file"
+            time.sleep(0.1)
+        addr = f"127.0.0.1:{port_file.read_text().strip()}"
+        _wait_serving(addr, proc)
+
+        channel = grpc.insecure_channel(addr)
+        stub = pb_grpc.InferenceStub(channel)
+        # Long streams: with 1 thread and a tiny model, 240 tokens take a good second or more.
+        streams = [stub.GenerateStream(request(f"stream {i}", adapter=f"a{i}", max_new_tokens=240)) for i in range(4)]
+        results: list[list] = [[] for _ in streams]
+        started = threading.Barrier(len(streams) + 1)
+
+        def read(i):
+            it = iter(streams[i])
+            results[i].append(next(it))
+            started.wait()
+            results[i].extend(it)
+
+        readers = [threading.Thread(target=read, args=(i,)) for i in range(len(streams))]
+        for t in readers:
+            t.start()
+        started.wait(timeout=60)
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.2)  # let the signal land: the server is draining now
+
+        new_channel = grpc.insecure_channel(addr)
+        try:
+            pb_grpc.InferenceStub(new_channel).Generate(request("too late"), timeout=10)
+            raise AssertionError("a call after SIGTERM succeeded")
+        except grpc.RpcError as e:
+            assert e.code() == grpc.StatusCode.UNAVAILABLE, e
+        new_channel.close()
+
+        for t in readers:
+            t.join(timeout=120)
+        for msgs in results:
+            last = msgs[-1]
+            assert last.finish_reason in (pb.LENGTH, pb.EOS)
+            assert last.completion_tokens == len(msgs)
+        assert any(len(msgs) == 240 for msgs in results)
+        channel.close()
+        assert proc.wait(timeout=60) == 0
+        log = proc.stdout.read()
+        assert "draining" in log and "stopped" in log
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

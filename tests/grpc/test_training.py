@@ -1,0 +1,217 @@
+"""The Training service over a real channel, with real worker processes on the tiny Llama:
+a job end to end (the loss falls, the published adapter answers its training prompts, its
+ROUGE-L beats the base model's), every bad dataset refused with the line named and
+nothing queued, and a killed worker failing its job while inference carries on."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import grpc
+import pytest
+from adapterctl import cli
+from adapterctl.client import Client
+from adapterctl.train import TrainingClient
+from adapterd_api.v1 import adapters_pb2 as apb
+from adapterd_api.v1 import training_pb2 as tpb
+from adapterd_api.v1 import training_pb2_grpc as tpb_grpc
+
+from adapterd.app import create_server
+from adapterd.config import CacheConfig, Config, ServerConfig
+from adapterd.engine.loop import EngineLoop
+from adapterd.registry.storage import LocalStorage
+from adapterd.registry.store import Registry, RegistryResolver
+from adapterd.training import registry_publisher
+from adapterd.training.jobs import JobManager, JobsConfig
+from tests.grpc_harness import TEST_SCHEDULER, RunningServer, request
+
+MAX_RANK = 16
+MAX_DATASET_BYTES = 8192
+# Short question -> code pairs (the test scheduler takes prompts of up to 64 tokens, bytes here).
+PAIRS = [
+    ("drop rows with NaN", "df.dropna()"),
+    ("zeros, 5 of them", "np.zeros(5)"),
+    ("read data.csv", "pd.read_csv('data.csv')"),
+    ("first 5 rows", "df.head()"),
+    ("mean of each column", "df.mean()"),
+    ("sort by age", "df.sort_values('age')"),
+    ("reshape a to 2x3", "a.reshape(2, 3)"),
+    ("count values of col", "df['col'].value_counts()"),
+    ("transpose m", "m.T"),
+    ("stack a and b vertically", "np.vstack([a, b])"),
+    ("group by city and sum", "df.groupby('city').sum()"),
+    ("fill NaN with 0", "df.fillna(0)"),
+]
+
+
+def prompt(question: str) -> str:
+    return f"Q: {question}\nA: "
+
+
+class TrainingServer(RunningServer):
+    """The test server with the Training service on a JobManager, publishing to `registry`."""
+
+    def __init__(self, engine, config, registry, jobs: JobManager):
+        self.jobs = jobs
+        super().__init__(engine, config, registry)
+        self.training = tpb_grpc.TrainingStub(self.channel)
+
+    async def _start(self):
+        server, port = create_server(self.config, engine=self.engine, lifecycle=self.lifecycle,
+                                     registry=self.registry, jobs=self.jobs)
+        await server.start()
+        return server, port
+
+    def stop(self) -> None:
+        super().stop()
+        self.jobs.close()
+
+
+@pytest.fixture
+def server(parts_for, tiny_base, tmp_path):
+    parts = parts_for(4)
+    registry = Registry(LocalStorage(tmp_path / "registry"), spec=parts.spec, max_rank=MAX_RANK)
+    jobs = JobManager(
+        JobsConfig(root=tmp_path / "training", base_model=tiny_base, device="cpu", worker_nice=0,
+                   max_dataset_bytes=MAX_DATASET_BYTES, max_rank=MAX_RANK),
+        publish=registry_publisher(registry), module_names=parts.spec.linear_shapes,
+    ).start()
+    cache = CacheConfig(gpu_slots=4, max_rank=MAX_RANK)
+    engine = EngineLoop(parts, RegistryResolver(registry), TEST_SCHEDULER, cache).start()
+    engine.wait_ready(timeout=60)
+    s = TrainingServer(engine, Config(server=ServerConfig(port=0), scheduler=TEST_SCHEDULER, cache=cache),
+                       registry, jobs)
+    yield s
+    s.stop()
+
+
+def write_jsonl(path, rows) -> str:
+    path.write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+def pairs_file(tmp_path, pairs=PAIRS):
+    return write_jsonl(tmp_path / "train.jsonl", [{"prompt": prompt(q), "completion": c} for q, c in pairs])
+
+
+def watch(server, job_id: str, until=lambda e: False) -> list[tpb.JobEvent]:
+    events = []
+    stream = server.training.WatchJob(tpb.WatchJobRequest(job_id=job_id), timeout=180)
+    for event in stream:
+        events.append(event)
+        if until(event):
+            stream.cancel()
+            break
+    return events
+
+
+def generate(server, adapter: str, text: str) -> str:
+    return server.inference.Generate(request(text, adapter, max_new_tokens=40)).text
+
+
+def test_a_job_end_to_end(server, tmp_path, capsys):
+    data = pairs_file(tmp_path)
+    client = TrainingClient(Client(server.addr))
+    job = client.create(data, name="pandas-tiny", validation=data, epochs=40, learning_rate=3e-3, batch_size=2,
+                        eval_max_new_tokens=40)
+    assert job.state == tpb.QUEUED and job.train_examples == job.validation_examples == len(PAIRS)
+
+    events = watch(server, job.id)
+    states = [tpb.JobState.Name(e.state) for e in events if e.type == tpb.STATE]
+    assert states == ["VALIDATING", "QUEUED", "RUNNING", "SUCCEEDED"]
+    losses = [e.loss for e in events if e.type == tpb.STEP]
+    assert len(losses) >= 10 and [e.seq for e in events] == list(range(1, len(events) + 1))
+    first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
+    assert last < first / 3, f"the loss did not fall: {first:.3f} -> {last:.3f}"
+
+    job = client.get(job.id)
+    assert job.state == tpb.SUCCEEDED and job.adapter == "pandas-tiny@1"
+    # Served at once, by the running server: each training prompt answered with its completion.
+    answers = [generate(server, "pandas-tiny", prompt(q)) for q, _ in PAIRS]
+    exact = sum(a == c for a, (_, c) in zip(answers, PAIRS, strict=True))
+    assert exact >= 0.9 * len(PAIRS), list(zip(answers, PAIRS, strict=True))
+    assert generate(server, "", prompt(PAIRS[0][0])) != PAIRS[0][1]  # the base model does not know them
+
+    (val,) = job.evaluation
+    assert val.split == "validation" and val.examples == len(PAIRS)
+    assert val.adapter.rouge_l.f1 > val.base.rouge_l.f1 and val.adapter.rouge_l.f1 > 0.9
+    assert val.adapter.loss < val.base.loss
+    assert job.training.steps > 0 and job.training.tokens_per_second > 0
+
+    meta = server.adapters.GetAdapter(apb.GetAdapterRequest(adapter="pandas-tiny@1"))
+    assert meta.source == apb.SOURCE_TRAINED and meta.job_id == job.id
+    assert meta.metrics["validation.adapter.rougeL.f1"] == pytest.approx(val.adapter.rouge_l.f1)
+    assert meta.metrics["validation.base.rougeL.f1"] == pytest.approx(val.base.rouge_l.f1)
+
+    assert cli.main(["--addr", server.addr, "jobs", "show", job.id]) == 0
+    shown = capsys.readouterr().out
+    assert "succeeded" in shown and "ROUGE-L f1" in shown and "pandas-tiny@1" in shown
+    assert cli.main(["--addr", server.addr, "jobs", "list"]) == 0
+    assert job.id in capsys.readouterr().out
+    assert cli.main(["--addr", server.addr, "jobs", "watch", job.id]) == 0  # replays a finished job
+    watched = capsys.readouterr().out
+    assert "step" in watched and "validation (12 examples)" in watched and "adapter pandas-tiny@1" in watched
+
+
+def _bad(tmp_path, rows):
+    return write_jsonl(tmp_path / "bad.jsonl", rows)
+
+
+GOOD = {"prompt": "Q: x\nA: ", "completion": "y"}
+BAD_DATASETS = {
+    "malformed-line": ([GOOD, GOOD, '{"prompt": "Q", '], {}, "training file line 3: not valid JSON"),
+    "unknown-format": ([GOOD, {"input": "q", "output": "a"}], {}, "training file line 2: unknown format"),
+    "empty-file": ([], {}, "training file is empty"),
+    "over-max-bytes": ([{"text": "x" * 1000}] * 10, {}, "larger than --max-dataset-bytes (8192 bytes): line 9"),
+    "longer-than-max-seq-len": ([GOOD, {"prompt": "p" * 40, "completion": "c" * 30}], {"max_seq_len": 64},
+                                "training file line 2: the example is 71 tokens, longer than --max-seq-len 64"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_DATASETS))
+def test_bad_datasets_are_invalid_argument_naming_the_line(server, tmp_path, case):
+    rows, hyper, message = BAD_DATASETS[case]
+    path = _bad(tmp_path, rows) if rows else (tmp_path / "empty.jsonl")
+    path.touch()
+    with pytest.raises(grpc.RpcError) as e:
+        TrainingClient(Client(server.addr)).create(path, name="bad", **hyper)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert message in e.value.details()
+    assert list(server.training.ListJobs(tpb.ListJobsRequest()).jobs) == []  # nothing queued
+
+
+def test_bad_validation_file_and_spec(server, tmp_path):
+    client = TrainingClient(Client(server.addr))
+    data = pairs_file(tmp_path)
+    bad = write_jsonl(tmp_path / "val.jsonl", [GOOD, "not json"])
+    for kwargs, message in (
+        ({"validation": bad}, "validation file line 2: not valid JSON"),
+        ({"rank": 64}, "--rank 64 is above this server's --max-rank 16"),
+        ({"target_modules": ["q_proj", "wq"]}, "--target-modules: the base model has no linear module named wq"),
+        ({"learning_rate": 0.0}, "--lr must be in (0, 1]"),
+    ):
+        with pytest.raises(grpc.RpcError) as e:
+            client.create(data, name="x", **kwargs)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and message in e.value.details()
+    with pytest.raises(grpc.RpcError) as e:
+        server.training.GetJob(tpb.GetJobRequest(job_id="ftjob-nope"))
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_a_killed_worker_fails_its_job_and_inference_carries_on(server, tmp_path):
+    before = generate(server, "", "Q: hello\nA: ")
+    job = TrainingClient(Client(server.addr)).create(pairs_file(tmp_path), name="doomed", epochs=1000, batch_size=1)
+    watch(server, job.id, until=lambda e: e.type == tpb.STEP)
+    os.kill(server.jobs._running[job.id].proc.pid, signal.SIGKILL)  # as the OOM killer would
+
+    events = watch(server, job.id)
+    assert events[-1].type == tpb.STATE and events[-1].state == tpb.FAILED
+    job = server.training.GetJob(tpb.GetJobRequest(job_id=job.id))
+    assert job.state == tpb.FAILED and "killed by SIGKILL" in job.error and not job.adapter
+    assert Client(server.addr).health() == "SERVING"
+    assert generate(server, "", "Q: hello\nA: ") == before
+    with pytest.raises(grpc.RpcError) as e:
+        generate(server, "doomed", "Q: hello\nA: ")
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND  # nothing was published
