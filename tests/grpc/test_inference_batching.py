@@ -38,7 +38,7 @@ def test_fifty_concurrent_first_requests_cause_one_load(serve):
     outs = [f.result(timeout=20) for f in futures]
     assert server.engine.stats()["loads"] == 1
     assert len({(o.text, tuple(o.token_ids)) for o in outs}) == 1
-    assert {o.adapter for o in outs} == {"a3"}
+    assert {o.adapter for o in outs} == {"a3@1"}
     assert outs[0].text == server.inference.Generate(request("Hello there", adapter="a3")).text
 
 

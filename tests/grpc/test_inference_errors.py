@@ -7,10 +7,12 @@ import threading
 
 import grpc
 import pytest
-from tests.grpc_harness import long_request, request
-
 from adapterd.config import SchedulerConfig
 from adapterd.registry.cache import DirectoryResolver, ResolvedAdapter
+from adapterd.registry.store import Registry, blob_key, open_storage
+
+from tests.grpc.conftest import registry_resolver
+from tests.grpc_harness import long_request, request
 
 INVALID = [
     # (request, words the message must contain)
@@ -56,30 +58,42 @@ def test_prompt_at_the_limits_is_accepted(serve):
 
 def test_unknown_adapter_is_not_found_never_the_base_model(serve):
     server = serve()
-    for ref in ("missing", "missing@2", "other-tenant/a0"):
+    for ref in ("missing", "missing@2", "a0@9", "other-tenant/a0"):
         code, details = _code(server.inference.Generate, request("hello", adapter=ref))
         assert code == grpc.StatusCode.NOT_FOUND, details
         assert ref.split("@")[0].split("/")[-1] in details
 
 
-def test_adapter_files_that_fail_their_checks(serve):
-    server = serve()
+def test_a_stored_adapter_that_fails_its_checksum_is_data_loss(serve, parts_for, registry_root, tmp_path):
+    registry = Registry(open_storage(tmp_path), spec=parts_for(8).spec, max_rank=16)
+    version = registry.push("default", "fragile", registry_root / "a0")
+    blob = tmp_path / blob_key(version.files["adapter_model.safetensors"].sha256)
+    blob.write_bytes(blob.read_bytes()[:-8] + b"\0" * 8)
+    server = serve(resolver=registry_resolver(tmp_path, parts_for(8).spec))
+    code, details = _code(server.inference.Generate, request("hello", adapter="fragile"))
+    assert code == grpc.StatusCode.DATA_LOSS and "fragile@1" in details and "corrupt" in details
+
+
+def test_adapter_files_that_fail_their_checks_at_load(serve, registry_root):
+    # Without a registry (a directory of PEFT adapters), the checks run at first use.
+    server = serve(resolver=DirectoryResolver(registry_root))
     code, details = _code(server.inference.Generate, request("hello", adapter="corrupt"))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "'corrupt' could not be loaded" in details
     code, details = _code(server.inference.Generate, request("hello", adapter="pickled"))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "adapter_model.bin" in details
+    assert server.inference.Generate(request("hello", adapter="a0")).adapter == "a0"
 
 
-class _Exploding(DirectoryResolver):
-    """Serves the real adapters, plus "boom", whose load raises a plain exception."""
+class _Exploding:
+    """The registry's adapters, plus "boom", whose load raises a plain exception."""
 
-    def __init__(self, root, loads: list):
-        super().__init__(root)
+    def __init__(self, resolver, loads: list):
+        self.resolver = resolver
         self.loads = loads
 
     def resolve(self, tenant, ref):
         if ref != "boom":
-            return super().resolve(tenant, ref)
+            return self.resolver.resolve(tenant, ref)
 
         def load(spec, max_rank):
             self.loads.append(1)
@@ -88,9 +102,9 @@ class _Exploding(DirectoryResolver):
         return ResolvedAdapter(key="boom-v1", name="boom", load=load)
 
 
-def test_failed_load_fails_its_requests_once_and_nobody_else(serve, registry_root):
+def test_failed_load_fails_its_requests_once_and_nobody_else(serve, parts_for, registry_store):
     loads: list = []
-    server = serve(resolver=_Exploding(registry_root, loads))
+    server = serve(resolver=_Exploding(registry_resolver(registry_store, parts_for(8).spec), loads))
     good = [server.inference.Generate.future(request("hello", adapter="a0")) for _ in range(3)]
     bad = [server.inference.Generate.future(request("hello", adapter="boom")) for _ in range(5)]
     for f in bad:
@@ -152,9 +166,9 @@ def test_draining_refuses_new_calls_with_unavailable(serve):
 
 
 def test_not_serving_and_unavailable_until_the_model_is_warm(tiny_base, parts_for, registry_root):
-    from tests.grpc_harness import TEST_SCHEDULER, RunningServer
-
     from adapterd.config import CacheConfig
+
+    from tests.grpc_harness import TEST_SCHEDULER, RunningServer
 
     gate = threading.Event()
     parts = parts_for(8)

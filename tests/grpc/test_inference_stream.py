@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import grpc
 from adapterd_api.v1 import inference_pb2 as pb
+
 from tests.grpc_harness import long_request, request
 
 
@@ -19,7 +20,7 @@ def test_stream_is_the_unary_response_token_by_token(serve):
         assert [lp for m in messages for lp in m.logprobs] == list(unary.logprobs)
         assert len(unary.logprobs) == len(unary.token_ids) == unary.completion_tokens
         # The first message says what serves the request; the last one why it ended.
-        assert messages[0].adapter == unary.adapter == adapter
+        assert messages[0].adapter == unary.adapter == (f"{adapter}@1" if adapter else "")
         assert messages[0].prompt_tokens == unary.prompt_tokens == len("Once upon a time")
         assert [m.finish_reason for m in messages[:-1]] == [pb.FINISH_REASON_UNSPECIFIED] * (len(messages) - 1)
         assert messages[-1].finish_reason == unary.finish_reason

@@ -10,11 +10,11 @@ import threading
 import time
 
 import grpc
+from adapterctl.client import Client
 from adapterd_api.v1 import inference_pb2 as pb
 from adapterd_api.v1 import inference_pb2_grpc as pb_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from adapterctl.client import Client
 from tests.grpc_harness import request
 
 
@@ -40,13 +40,13 @@ def _wait_serving(addr: str, proc: subprocess.Popen, timeout: float = 120) -> No
             time.sleep(0.2)
 
 
-def test_sigterm_drains_open_streams_and_exits_zero(tiny_base, registry_root, tmp_path):
+def test_sigterm_drains_open_streams_and_exits_zero(tiny_base, registry_store, tmp_path):
     port_file = tmp_path / "port"
     proc = subprocess.Popen(
         [sys.executable, "-m", "adapterd", "serve", "--port", "0", "--port-file", str(port_file),
-         "--base-model", str(tiny_base), "--registry", str(registry_root), "--max-rank", "16",
+         "--base-model", str(tiny_base), "--registry", str(registry_store), "--max-rank", "16",
          "--gpu-slots", "4", "--max-input-tokens", "64", "--max-total-tokens", "256",
-         "--grace-period", "60", "--metrics-port", "-1"],
+         "--grace-period", "60", "--metrics-port", "-1", "--jobs-dir", str(tmp_path / "jobs")],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         env=dict(os.environ, OMP_NUM_THREADS="1"),
     )
