@@ -167,9 +167,12 @@ class AdapterCache:
 
     def ensure_loading(self, adapter: ResolvedAdapter) -> None:
         """Start loading `adapter` unless it is resident, in the CPU tier, loading, or failed
-        recently. At most one load per key is ever in flight."""
+        recently. At most one load per key is ever in flight, and at most `load_workers` in
+        all: the scheduler asks again, in arrival order, when one finishes."""
         key = adapter.key
         if key in self._resident or key in self._cpu or key in self._loading or self.failure(key):
+            return
+        if len(self._loading) >= self.config.load_workers:
             return
         self.stats.loads += 1
         self._load_started[key] = time.monotonic()
@@ -250,16 +253,16 @@ class AdapterCache:
         self._cpu[key] = (weights, size)
         self._cpu_bytes += size
         limit_n, limit_b = self.config.cpu_adapters, self.config.cpu_bytes
-        # Evict least recent first; entries requests are waiting for go only if nothing else can.
-        for protect in (True, False):
-            for victim in list(self._cpu):
-                if len(self._cpu) <= limit_n and self._cpu_bytes <= limit_b:
-                    return
-                if victim == key or (protect and victim in wanted):
-                    continue
-                self._cpu_drop(victim)
-                self.stats.cpu_evictions += 1
-                self._observe("adapter_evicted", "cpu")
+        # Evict least recent first, never an entry requests are waiting for: evicting it would
+        # only load it again. So the tier can exceed its limits by what the queue waits for.
+        for victim in list(self._cpu):
+            if len(self._cpu) <= limit_n and self._cpu_bytes <= limit_b:
+                return
+            if victim == key or victim in wanted:
+                continue
+            self._cpu_drop(victim)
+            self.stats.cpu_evictions += 1
+            self._observe("adapter_evicted", "cpu")
 
     def _cpu_drop(self, key: str) -> None:
         _, size = self._cpu.pop(key, (None, 0))
