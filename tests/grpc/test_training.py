@@ -14,10 +14,6 @@ import pytest
 from adapterctl import cli
 from adapterctl.client import Client
 from adapterctl.train import TrainingClient
-from adapterd_api.v1 import adapters_pb2 as apb
-from adapterd_api.v1 import training_pb2 as tpb
-from adapterd_api.v1 import training_pb2_grpc as tpb_grpc
-
 from adapterd.app import create_server
 from adapterd.config import CacheConfig, Config, ServerConfig
 from adapterd.engine.loop import EngineLoop
@@ -25,6 +21,10 @@ from adapterd.registry.storage import LocalStorage
 from adapterd.registry.store import Registry, RegistryResolver
 from adapterd.training import registry_publisher
 from adapterd.training.jobs import JobManager, JobsConfig
+from adapterd_api.v1 import adapters_pb2 as apb
+from adapterd_api.v1 import training_pb2 as tpb
+from adapterd_api.v1 import training_pb2_grpc as tpb_grpc
+
 from tests.grpc_harness import TEST_SCHEDULER, RunningServer, request
 
 MAX_RANK = 16

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from adapterd.engine.demo import build_tokenizer
 from adapterd.errors import InvalidArgument
 from adapterd.training.data import (

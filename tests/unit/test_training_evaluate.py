@@ -7,7 +7,6 @@ import math
 
 import pytest
 import torch
-
 from adapterd.training.data import Example, collate, encode
 from adapterd.training.evaluate import completion_loss, flat_metrics, generate, rouge, score
 

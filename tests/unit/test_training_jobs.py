@@ -9,7 +9,6 @@ import json
 from pathlib import Path
 
 import pytest
-
 from adapterd.errors import InvalidArgument, NotFound
 from adapterd.training.jobs import JobManager, JobsConfig
 from adapterd.training.spec import TrainingSpec

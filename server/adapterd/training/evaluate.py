@@ -78,6 +78,7 @@ def generate(model, tokenizer, examples: list[Example], *, batch_size: int, max_
             attention_mask=attention_mask.to(device),
             max_new_tokens=max_new_tokens,
             do_sample=False,
+            use_cache=True,  # training with gradient checkpointing turned the model's default off
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
         )  # (B, T + new)

@@ -1,0 +1,215 @@
+"""Training throughput: a job through the service against a plain PEFT + Trainer script with
+the same settings, alternated in one run. Prints one JSON object; numbers are medians.
+
+    service   `adapterd serve` in a subprocess (its own registry and jobs directory,
+              --training-nice 0 like the plain script); each job goes in through gRPC
+              (CreateJob, WatchJob) and runs in the service's worker process.
+    plain     this file with --plain, in a subprocess: BitsAndBytesConfig NF4, PEFT LoRA,
+              transformers' Trainer; what a user would write by hand.
+
+    tokens_per_second      non-padding tokens trained / the Trainer's train_runtime
+    peak_memory_bytes      of the training process: the resident set on the CPU, GPU
+                           memory allocated on a GPU
+    job_wall_s             service only: CreateJob to SUCCEEDED (model load, training,
+                           evaluation of adapter and base, publishing)
+    tokens_per_second_ratio  service / plain (target: >= 0.9: the service adds no overhead)
+
+    python bench/train.py [--runs 3] [--examples 64] [--epochs 3] [--batch-size 8] [--base-model DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+DATASET = Path(__file__).resolve().parents[1] / "adapters" / "examples" / "pandas_numpy.jsonl"
+
+
+def settings(args) -> dict:
+    return dict(epochs=args.epochs, learning_rate=args.lr, rank=16, alpha=32.0, dropout=0.05,
+                batch_size=args.batch_size, grad_accum=1, seed=0, warmup_ratio=0.03)
+
+
+# ---- the plain script ------------------------------------------------------------------------
+
+
+def plain(base_model: str, data: Path, s: dict) -> dict:
+    """QLoRA with PEFT and the Trainer, written out by hand: the baseline."""
+    import torch
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        BitsAndBytesConfig,
+        Trainer,
+        TrainingArguments,
+    )
+
+    on_gpu = torch.cuda.is_available()
+    dtype = torch.bfloat16 if on_gpu else torch.float32
+    tok = AutoTokenizer.from_pretrained(base_model)
+    model = AutoModelForCausalLM.from_pretrained(
+        base_model, dtype=dtype, device_map={"": "cuda" if on_gpu else "cpu"},
+        quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                               bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype),
+    )
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
+                                            gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = get_peft_model(model, LoraConfig(r=s["rank"], lora_alpha=s["alpha"], lora_dropout=s["dropout"],
+                                             target_modules="all-linear", task_type="CAUSAL_LM"))
+    features = []
+    for line in data.read_text().splitlines():
+        row = json.loads(line)
+        p = tok(row["prompt"])["input_ids"]
+        c = tok(row["completion"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        features.append({"input_ids": p + c, "labels": [-100] * len(p) + c})
+
+    def collate(batch):
+        width = max(len(f["input_ids"]) for f in batch)
+        pad = [width - len(f["input_ids"]) for f in batch]
+        return {
+            "input_ids": torch.tensor([f["input_ids"] + [tok.pad_token_id] * n for f, n in zip(batch, pad, strict=True)]),
+            "labels": torch.tensor([f["labels"] + [-100] * n for f, n in zip(batch, pad, strict=True)]),
+            "attention_mask": torch.tensor([[1] * len(f["input_ids"]) + [0] * n for f, n in zip(batch, pad, strict=True)]),
+        }
+
+    with tempfile.TemporaryDirectory() as out:
+        trainer = Trainer(model=model, data_collator=collate, train_dataset=features, args=TrainingArguments(
+            output_dir=out, num_train_epochs=s["epochs"], learning_rate=s["learning_rate"],
+            lr_scheduler_type="cosine", warmup_steps=s["warmup_ratio"], per_device_train_batch_size=s["batch_size"],
+            gradient_accumulation_steps=s["grad_accum"], gradient_checkpointing=True,
+            gradient_checkpointing_kwargs={"use_reentrant": False}, seed=s["seed"],
+            optim="paged_adamw_8bit" if on_gpu else "adamw_torch", bf16=on_gpu, use_cpu=not on_gpu,
+            save_strategy="no", report_to="none", disable_tqdm=True, remove_unused_columns=False,
+            include_num_input_tokens_seen="non_padding",
+        ))
+        if on_gpu:
+            torch.cuda.reset_peak_memory_stats()
+        result = trainer.train()
+    runtime = result.metrics["train_runtime"]
+    peak = torch.cuda.max_memory_allocated() if on_gpu else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"tokens_per_second": trainer.state.num_input_tokens_seen / runtime, "peak_memory_bytes": peak,
+            "train_runtime_s": runtime, "steps": trainer.state.global_step}
+
+
+def run_plain(base_model: Path, data: Path, s: dict) -> dict:
+    out = subprocess.run(
+        [sys.executable, __file__, "--plain", json.dumps({"base_model": str(base_model), "data": str(data), **s})],
+        check=True, capture_output=True, text=True,
+    ).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+# ---- the service -----------------------------------------------------------------------------
+
+
+class Service:
+    """`adapterd serve` on a loopback port, with its own registry and jobs directory."""
+
+    def __init__(self, root: Path, base_model: Path):
+        port_file = root / "port"
+        with open(root / "server.log", "wb") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "adapterd", "serve", "--port", "0", "--port-file", str(port_file),
+                 "--base-model", str(base_model), "--registry", str(root / "registry"),
+                 "--jobs-dir", str(root / "jobs"), "--training-nice", "0"],
+                stdout=subprocess.DEVNULL, stderr=log,
+            )
+        deadline = time.monotonic() + 300
+        while not port_file.exists():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"adapterd did not start; see {root / 'server.log'}")
+            time.sleep(0.2)
+        from adapterctl.client import Client
+
+        self.client = Client(f"127.0.0.1:{port_file.read_text().strip()}")
+        while self.client.health() != "SERVING":
+            time.sleep(0.2)
+
+    def train(self, data: Path, s: dict, name: str) -> dict:
+        from adapterctl.train import TrainingClient
+        from adapterd_api.v1 import training_pb2 as pb
+
+        training = TrainingClient(self.client)
+        started = time.perf_counter()
+        job = training.create(data, name=name, val_split=0.0, max_eval_examples=8, eval_max_new_tokens=32,
+                              **{k: v for k, v in s.items()})
+        for _ in training.watch(job.id):
+            pass
+        wall = time.perf_counter() - started
+        job = training.get(job.id)
+        if job.state != pb.SUCCEEDED:
+            raise RuntimeError(f"job {job.id} {pb.JobState.Name(job.state)}: {job.error}")
+        t = job.training
+        return {"tokens_per_second": t.tokens_per_second, "peak_memory_bytes": t.peak_memory_bytes,
+                "train_runtime_s": t.runtime_s, "steps": t.steps, "job_wall_s": wall}
+
+    def stop(self) -> None:
+        self.client.close()
+        self.proc.terminate()
+        self.proc.wait(60)
+
+
+def medians(runs: list[dict]) -> dict:
+    return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--examples", type=int, default=64, help="from adapters/examples/pandas_numpy.jsonl")
+    parser.add_argument("--epochs", type=float, default=3)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--base-model", type=Path, default=None, help="default: the demo model")
+    parser.add_argument("--plain", default=None, help=argparse.SUPPRESS)  # internal: run the baseline
+    args = parser.parse_args()
+    if args.plain is not None:
+        p = json.loads(args.plain)
+        print(json.dumps(plain(p.pop("base_model"), Path(p.pop("data")), p)))
+        return 0
+
+    from adapterd.engine.demo import demo_model_dir
+
+    base_model = args.base_model or demo_model_dir()
+    s = settings(args)
+    with tempfile.TemporaryDirectory(prefix="adapterd-bench-train-") as tmp:
+        root = Path(tmp)
+        data = root / "train.jsonl"
+        data.write_text("".join(DATASET.read_text().splitlines(keepends=True)[: args.examples]))
+        service = Service(root, base_model)
+        try:
+            served, plains = [], []
+            for i in range(args.runs):  # alternated, so drift in machine load hits both alike
+                served.append(service.train(data, s, name=f"bench-{i}"))
+                plains.append(run_plain(base_model, data, s))
+        finally:
+            service.stop()
+    sv, pl = medians(served), medians(plains)
+    print(json.dumps({
+        "base_model": str(base_model), "examples": args.examples, **s, "runs": args.runs,
+        "device": "cuda" if _cuda() else f"cpu ({os.environ.get('OMP_NUM_THREADS', 'all')} threads)",
+        "service": sv, "plain": pl,
+        "tokens_per_second_ratio": sv["tokens_per_second"] / pl["tokens_per_second"],
+        "peak_memory_ratio": sv["peak_memory_bytes"] / pl["peak_memory_bytes"],
+        "target": "tokens_per_second_ratio >= 0.9",
+    }, indent=1))
+    return 0
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
