@@ -204,6 +204,10 @@ def test_a_killed_worker_fails_its_job_and_inference_carries_on(server, tmp_path
     before = generate(server, "", "Q: hello\nA: ")
     job = TrainingClient(Client(server.addr)).create(pairs_file(tmp_path), name="doomed", epochs=1000, batch_size=1)
     watch(server, job.id, until=lambda e: e.type == tpb.STEP)
+    queued = TrainingClient(Client(server.addr)).create(pairs_file(tmp_path), name="later")
+    assert queued.state == tpb.QUEUED  # one job at a time
+    assert cli.main(["--addr", server.addr, "jobs", "cancel", queued.id]) == 0
+    assert server.training.GetJob(tpb.GetJobRequest(job_id=queued.id)).state == tpb.CANCELLED
     os.kill(server.jobs._running[job.id].proc.pid, signal.SIGKILL)  # as the OOM killer would
 
     events = watch(server, job.id)
