@@ -1,5 +1,5 @@
 # adapterd on a GPU host. Build:  docker build -t adapterd .
-# Run (README, "Running on a GPU host", has the whole story):
+# Run (deploy/README.md, "Running on a GPU host", has the whole story):
 #   docker run --gpus all -p 50051:50051 -p 9400:9400 \
 #     -v $PWD/auth.toml:/etc/adapterd/auth.toml:ro -v adapterd-data:/var/lib/adapterd \
 #     -v /models/base:/models/base:ro adapterd \
@@ -11,6 +11,8 @@ ARG CUDA_IMAGE=nvidia/cuda:12.6.3-runtime-ubuntu24.04
 
 FROM ${CUDA_IMAGE} AS build
 ENV DEBIAN_FRONTEND=noninteractive PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+# Ubuntu's python3 of this release, unpinned: the archive drops old versions, a pin would rot.
+# hadolint ignore=DL3008
 RUN apt-get update \
  && apt-get install -y --no-install-recommends python3 python3-venv \
  && rm -rf /var/lib/apt/lists/*
@@ -27,6 +29,7 @@ RUN /opt/adapterd/bin/pip install ".[server]"
 
 FROM ${CUDA_IMAGE}
 ENV DEBIAN_FRONTEND=noninteractive
+# hadolint ignore=DL3008
 RUN apt-get update \
  && apt-get install -y --no-install-recommends python3 ca-certificates \
  && rm -rf /var/lib/apt/lists/* \
@@ -53,4 +56,5 @@ ENTRYPOINT ["adapterd"]
 # Listens on all interfaces, so an auth file is required (the server refuses to start
 # open on a non-loopback address); mount one at /etc/adapterd/auth.toml.
 CMD ["serve", "--host", "0.0.0.0", "--port", "50051", "--metrics-port", "9400", \
-     "--auth-file", "/etc/adapterd/auth.toml", "--registry", "/var/lib/adapterd/adapters"]
+     "--auth-file", "/etc/adapterd/auth.toml", "--registry", "/var/lib/adapterd/adapters", \
+     "--jobs-dir", "/var/lib/adapterd/training"]

@@ -28,10 +28,14 @@ TEST_SCHEDULER = SchedulerConfig(max_batch_size=32, max_queue=64, max_input_toke
 
 
 class RunningServer:
-    def __init__(self, engine: EngineLoop, config: Config, registry=None):
+    jobs = None  # a JobManager: the Training service is served from it when set
+
+    def __init__(self, engine: EngineLoop, config: Config, registry=None, *, jobs=None):
         self.engine = engine
         self.config = config
         self.registry = registry
+        if jobs is not None:
+            self.jobs = jobs
         self.lifecycle = Lifecycle(engine)
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="test-grpc-loop", daemon=True)
@@ -45,20 +49,23 @@ class RunningServer:
     @classmethod
     def start(cls, parts, resolver, *, scheduler: SchedulerConfig = TEST_SCHEDULER,
               cache: CacheConfig | None = None, wait_ready: bool = True, metrics=None,
-              registry=None, **config) -> RunningServer:
+              registry=None, jobs=None, **config) -> RunningServer:
         """`metrics`: an adapterd.metrics.Metrics for the engine and the server; `config`:
         more Config fields (auth=AuthConfig(...), tls=TlsConfig(...)); `registry`: a Registry
-        to serve the Adapters service from (its spec is set to the engine's base model)."""
+        to serve the Adapters service from (its spec is set to the engine's base model);
+        `jobs`: a started JobManager to serve the Training service from (the caller closes it)."""
         cache = cache or CacheConfig(gpu_slots=parts.slots.num_slots - 1, max_rank=parts.slots.max_rank)
         engine = EngineLoop(parts, resolver, scheduler, cache, metrics=metrics).start()
         if wait_ready:
             engine.wait_ready(timeout=60)
         if registry is not None:
             registry.spec = parts.spec
-        return cls(engine, Config(server=ServerConfig(port=0), scheduler=scheduler, cache=cache, **config), registry)
+        return cls(engine, Config(server=ServerConfig(port=0), scheduler=scheduler, cache=cache, **config), registry,
+                   jobs=jobs)
 
     async def _start(self):
-        server, port = create_server(self.config, engine=self.engine, lifecycle=self.lifecycle, registry=self.registry)
+        server, port = create_server(self.config, engine=self.engine, lifecycle=self.lifecycle, registry=self.registry,
+                                     jobs=self.jobs)
         await server.start()
         return server, port
 

@@ -29,6 +29,7 @@ from adapterd.access import AuthInterceptor, MetricsInterceptor
 from adapterd.auth import Authenticator, TenantLimiter
 from adapterd.config import Config
 from adapterd.engine.loop import EngineLoop, load_engine_parts
+from adapterd.errors import AdapterdError
 from adapterd.interceptors import ErrorInterceptor
 from adapterd.metrics import Metrics
 from adapterd.registry.store import RegistryResolver, open_registry
@@ -117,7 +118,7 @@ def create_server(
     if registry is not None:
         services.append(lambda: adapters.register(server, registry, _registry_resolver(engine), _residence(engine)))
     if jobs is not None:
-        services.append(lambda: training.register(server, jobs))
+        services.append(lambda: training.register(server, jobs, limiter))
     names = [register() for register in services]
     health_pb2_grpc.add_HealthServicer_to_server(lifecycle.health, server)
     reflection.enable_server_reflection(
@@ -138,7 +139,11 @@ async def serve(config: Config) -> int:
     """Run until SIGTERM/SIGINT, then drain. Returns the exit status."""
     metrics = make_metrics(config)
     registry = open_registry(config.registry, max_rank=config.cache.max_rank)
-    await asyncio.to_thread(registry.clean_leftovers)
+    try:
+        await asyncio.to_thread(registry.clean_leftovers)  # also proves the store is reachable
+    except AdapterdError as e:
+        log.error("the adapter registry cannot be used: %s", e)
+        return 1
     engine = EngineLoop(
         lambda: load_engine_parts(config.model, config.cache),
         RegistryResolver(registry),
@@ -147,7 +152,7 @@ async def serve(config: Config) -> int:
         metrics=metrics,
     ).start()
     engine.on_ready(lambda: setattr(registry, "spec", engine.cache.spec))  # pushes are checked against it
-    jobs = await asyncio.to_thread(open_jobs, config, registry)
+    jobs = await asyncio.to_thread(open_jobs, config, registry, metrics)
     engine.on_ready(lambda: jobs.set_module_names(engine.cache.spec.linear_shapes))
     lifecycle = Lifecycle(engine)
     server, port = create_server(

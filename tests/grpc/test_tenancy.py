@@ -6,22 +6,29 @@ One server for the module, with an auth file of three tenants:
   b      the other tenant
   flood  at most 2 requests in flight, to flood with
 A tenant that may not see something gets NOT_FOUND worded exactly as for something absent.
+The job manager is never started: jobs stay queued, which is all tenancy needs (no worker
+process is spawned).
 """
 
 from __future__ import annotations
 
+import json
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
 from adapterctl.adapters import AdaptersClient, adapter_files, push_requests
 from adapterctl.client import Client, auth_metadata
+from adapterctl.train import TrainingClient
 from adapterd.auth import hash_token
 from adapterd.config import AuthConfig, CacheConfig
 from adapterd.registry.storage import LocalStorage
 from adapterd.registry.store import Registry, RegistryResolver
+from adapterd.training import registry_publisher
+from adapterd.training.jobs import JobManager, JobsConfig
 from adapterd_api.v1 import adapters_pb2 as apb
 from adapterd_api.v1 import inference_pb2_grpc as pb_grpc
+from adapterd_api.v1 import training_pb2 as tpb
 
 from tests.grpc_harness import RunningServer, request
 
@@ -60,8 +67,15 @@ def server(parts_for, tiny_base, adapter_factory, tmp_path_factory):
     root = tmp_path_factory.mktemp("tenancy")
     (root / "auth.toml").write_text(AUTH)
     registry = Registry(LocalStorage(root / "registry"), max_rank=MAX_RANK, max_bytes=10 << 20, deleted_grace_s=0)
-    s = RunningServer.start(parts_for(4), RegistryResolver(registry), registry=registry,
+    parts = parts_for(4)
+    jobs = JobManager(JobsConfig(root=root / "jobs", base_model=tiny_base, max_rank=MAX_RANK),
+                      publish=registry_publisher(registry), tokenizer=parts.tokenizer,
+                      module_names=parts.spec.linear_shapes)
+    s = RunningServer.start(parts, RegistryResolver(registry), registry=registry, jobs=jobs,
                             cache=CacheConfig(gpu_slots=4, max_rank=MAX_RANK), auth=AuthConfig(root / "auth.toml"))
+    s.dataset = root / "train.jsonl"
+    s.dataset.write_text("".join(
+        json.dumps({"prompt": f"Q: {i} plus {i}?\nA: ", "completion": str(2 * i)}) + "\n" for i in range(12)))
     s.adapter_dirs = [adapter_factory(tiny_base, "llama", seed=700 + i, rank=4, alpha=8) for i in range(2)]
     # Tenant a: one private adapter, one public one.
     ctl = adapters_as(s, "a")
@@ -69,6 +83,7 @@ def server(parts_for, tiny_base, adapter_factory, tmp_path_factory):
     ctl.push(s.adapter_dirs[1], "pub", public=True)
     yield s
     s.stop()
+    jobs.close()
 
 
 def client(server: RunningServer, who: str | None) -> Client:
@@ -77,6 +92,10 @@ def client(server: RunningServer, who: str | None) -> Client:
 
 def adapters_as(server: RunningServer, who: str | None) -> AdaptersClient:
     return AdaptersClient(client(server, who))
+
+
+def training_as(server: RunningServer, who: str | None) -> TrainingClient:
+    return TrainingClient(client(server, who))
 
 
 def generate_as(server: RunningServer, who: str | None, adapter: str = "", max_new_tokens: int = 4):
@@ -183,6 +202,32 @@ def test_push_cannot_overwrite(server):
     raw = push_requests(adapter_files(server.adapter_dirs[1]), "a/priv")
     assert status(b.stub.PushAdapter, raw, metadata=b.client.metadata)[0] == "INVALID_ARGUMENT"
     b.delete("priv")
+
+
+def test_train(server):
+    a, b, reader = training_as(server, "a"), training_as(server, "b"), training_as(server, "a-reader")
+    job = a.create(server.dataset, name="tuned")
+    assert job.state == tpb.QUEUED
+    absent = "ftjob-" + "0" * 24
+    as_if_absent(b.get, job.id, absent)
+    as_if_absent(b.cancel, job.id, absent)
+    as_if_absent(lambda job_id: next(iter(b.watch(job_id))), job.id, absent)
+    assert job.id not in {j.id for j in b.list()}
+    assert job.id in {j.id for j in a.list()}
+    # The reader of a's tenant sees a's job but may neither start nor stop one.
+    assert reader.get(job.id).id == job.id
+    assert status(reader.create, server.dataset, name="tuned")[0] == "PERMISSION_DENIED"
+    assert status(reader.cancel, job.id)[0] == "PERMISSION_DENIED"
+    # a has max_training_jobs = 1: a second job while the first is queued is refused...
+    code, details = status(a.create, server.dataset, name="tuned-too")
+    assert code == "RESOURCE_EXHAUSTED" and "max_training_jobs" in details
+    b_job = b.create(server.dataset, name="tuned")  # ...while b is not limited by a's jobs
+    # ...and allowed once the first is cancelled.
+    assert a.cancel(job.id).state == tpb.CANCELLED
+    again = a.create(server.dataset, name="tuned-too")
+    assert a.cancel(again.id).state == tpb.CANCELLED
+    assert b.cancel(b_job.id).state == tpb.CANCELLED
+    assert a.get(job.id).state == tpb.CANCELLED
 
 
 # ---- limits ---------------------------------------------------------------------------------

@@ -434,3 +434,29 @@ def test_leftovers_of_a_dead_server_are_cleaned_at_start(tmp_path, llama):
         assert reg.clean_leftovers() == 2
         assert sorted(p.name for p in (storage.root / ".tmp").iterdir()) == sorted(["lock", live.name])
     assert reg.resolve("default", "sql") == v1
+
+
+def test_unreachable_s3_is_unavailable(llama):
+    import socket
+
+    import boto3
+    from botocore.config import Config
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens there once closed
+    client = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}", region_name="us-east-1",
+                          aws_access_key_id="x", aws_secret_access_key="x",
+                          config=Config(retries={"max_attempts": 1}, connect_timeout=1))
+    spec, (a1, _, _) = llama
+    registry = Registry(S3Storage("b", "p", client=client), spec=spec, max_rank=MAX_RANK)
+    with pytest.raises(errors.Unavailable, match="adapter registry s3://b/p/"):
+        registry.resolve("default", "sql")
+    with pytest.raises(errors.Unavailable):
+        registry.push("default", "sql", a1)
+
+
+def test_missing_bucket_is_unavailable_and_says_so(s3_endpoint):
+    registry = Registry(S3Storage("no-such-bucket", "", S3Options(s3_endpoint, "us-east-1", "test", "test")))
+    with pytest.raises(errors.Unavailable, match="NoSuchBucket"):
+        registry.clean_leftovers()

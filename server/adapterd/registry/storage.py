@@ -191,8 +191,10 @@ class LocalStorage(Storage):
                         shutil.copyfileobj(s, f, 1 << 20)
                 f.flush()
                 os.fsync(f.fileno())
-        except BaseException:
+        except BaseException as e:
             tmp.unlink(missing_ok=True)
+            if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise errors.ResourceExhausted(f"adapter registry {self.root}: no space left on the disk") from e
             raise
         return tmp
 
@@ -332,68 +334,80 @@ class S3Storage(Storage):
     def _k(self, key: str) -> str:
         return self.prefix + check_key(key)
 
-    def _missing(self, e, key: str) -> bool:
-        code = e.response.get("Error", {}).get("Code", "")
-        return code in ("NoSuchKey", "404", "NotFound")
+    @contextlib.contextmanager
+    def _errors(self, key: str = ""):
+        """botocore's exceptions -> StorageMissing for an absent key, UNAVAILABLE otherwise
+        (the store is down, or misconfigured: the message says which)."""
+        from boto3.exceptions import S3UploadFailedError
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            yield
+        except ClientError as e:
+            code = e.response.get("Error", {}).get("Code", "")
+            if code in ("NoSuchKey", "404", "NotFound"):
+                raise StorageMissing(key) from e
+            raise errors.Unavailable(f"adapter registry {self.url}: {code or 'error'}: {e}") from e
+        except (BotoCoreError, S3UploadFailedError) as e:
+            raise errors.Unavailable(f"adapter registry {self.url}: {e}") from e
 
     def put(self, key: str, src: Path | bytes) -> None:
-        if isinstance(src, (bytes, bytearray, memoryview)):
-            self._client.put_object(Bucket=self.bucket, Key=self._k(key), Body=bytes(src))
-        else:
-            self._client.upload_file(str(src), self.bucket, self._k(key), Config=self._transfer)
+        with self._errors(key):
+            if isinstance(src, (bytes, bytearray, memoryview)):
+                self._client.put_object(Bucket=self.bucket, Key=self._k(key), Body=bytes(src))
+            else:
+                self._client.upload_file(str(src), self.bucket, self._k(key), Config=self._transfer)
 
     def create(self, key: str, data: bytes) -> bool:
         from botocore.exceptions import ClientError
 
-        try:
-            self._client.put_object(Bucket=self.bucket, Key=self._k(key), Body=data, IfNoneMatch="*")
-        except ClientError as e:
-            code = e.response.get("Error", {}).get("Code", "")
-            if code in ("PreconditionFailed", "ConditionalRequestConflict", "412", "409"):
-                return False
-            raise
+        with self._errors(key):
+            try:
+                self._client.put_object(Bucket=self.bucket, Key=self._k(key), Body=data, IfNoneMatch="*")
+            except ClientError as e:
+                code = e.response.get("Error", {}).get("Code", "")
+                if code in ("PreconditionFailed", "ConditionalRequestConflict", "412", "409"):
+                    return False
+                raise
         return True
 
     def read(self, key: str) -> bytes:
-        from botocore.exceptions import ClientError
-
-        try:
+        with self._errors(key):
             return self._client.get_object(Bucket=self.bucket, Key=self._k(key))["Body"].read()
-        except ClientError as e:
-            if self._missing(e, key):
-                raise StorageMissing(key) from e
-            raise
 
     def stat(self, key: str) -> ObjectInfo:
-        from botocore.exceptions import ClientError
-
-        try:
+        with self._errors(key):
             head = self._client.head_object(Bucket=self.bucket, Key=self._k(key))
-        except ClientError as e:
-            if self._missing(e, key):
-                raise StorageMissing(key) from e
-            raise
         return ObjectInfo(key, head["ContentLength"], head["LastModified"].timestamp())
 
     def list(self, prefix: str) -> Iterator[ObjectInfo]:
-        pages = self._client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=self.prefix + prefix)
-        for page in pages:
-            for obj in page.get("Contents", []):
-                yield ObjectInfo(obj["Key"][len(self.prefix):], obj["Size"], obj["LastModified"].timestamp())
+        found = []
+        with self._errors():
+            pages = self._client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=self.prefix + prefix
+            )
+            for page in pages:
+                for obj in page.get("Contents", []):
+                    found.append(ObjectInfo(obj["Key"][len(self.prefix):], obj["Size"], obj["LastModified"].timestamp()))
+        yield from found
 
     def delete(self, key: str) -> None:
-        self._client.delete_object(Bucket=self.bucket, Key=self._k(key))
+        with self._errors(key):
+            self._client.delete_object(Bucket=self.bucket, Key=self._k(key))
 
     def clean_partial_writes(self, older_than_s: float) -> int:
         """Abort multipart uploads under the prefix begun more than `older_than_s` ago (they
         may belong to another replica's push in progress, hence the age)."""
         removed, now = 0, time.time()
-        pages = self._client.get_paginator("list_multipart_uploads").paginate(Bucket=self.bucket, Prefix=self.prefix)
-        for page in pages:
-            for up in page.get("Uploads", []):
-                if now - up["Initiated"].timestamp() > older_than_s:
-                    self._client.abort_multipart_upload(Bucket=self.bucket, Key=up["Key"], UploadId=up["UploadId"])
-                    removed += 1
+        with self._errors():
+            pages = self._client.get_paginator("list_multipart_uploads").paginate(
+                Bucket=self.bucket, Prefix=self.prefix
+            )
+            for page in pages:
+                for up in page.get("Uploads", []):
+                    if now - up["Initiated"].timestamp() > older_than_s:
+                        self._client.abort_multipart_upload(Bucket=self.bucket, Key=up["Key"], UploadId=up["UploadId"])
+                        removed += 1
         return removed
 
 

@@ -323,7 +323,11 @@ class Registry:
         with self._lock:
             rec = self._records.get(key)
         if rec is None:
-            rec = AdapterVersion.from_json(self.storage.read(_record_key(tenant, name, version)))
+            data = self.storage.read(_record_key(tenant, name, version))
+            try:
+                rec = AdapterVersion.from_json(data)
+            except (ValueError, TypeError, KeyError) as e:
+                raise errors.DataLoss(f"the registry record of {tenant}/{name}@{version} is corrupt: {e}") from e
             with self._lock:
                 self._records[key] = rec
         return rec

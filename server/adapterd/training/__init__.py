@@ -24,9 +24,9 @@ def registry_publisher(registry):
     return publish
 
 
-def open_jobs(config, registry):
+def open_jobs(config, registry, metrics=None):
     """The server's JobManager (started: what a previous run left is settled, queued jobs
-    run) from its Config, publishing to `registry`."""
+    run) from its Config, publishing to `registry`, reporting to `metrics` (a Metrics)."""
     from adapterd.engine.demo import demo_model_dir
     from adapterd.training.jobs import JobManager, JobsConfig
 
@@ -37,4 +37,4 @@ def open_jobs(config, registry):
         max_dataset_bytes=t.max_dataset_bytes, worker_nice=t.worker_nice, cancel_grace_s=t.cancel_grace_s,
         max_rank=config.cache.max_rank,
     )
-    return JobManager(jobs_config, publish=registry_publisher(registry)).start()
+    return JobManager(jobs_config, publish=registry_publisher(registry), metrics=metrics).start()

@@ -1,0 +1,249 @@
+"""The server end to end against a sequential PEFT loop, measured in one run.
+
+Prints one JSON object. The same requests (default: 128, 32 new tokens, greedy, round-robin
+over 16 rank-16 all-linear adapters on the demo model) go
+
+  - to `adapterd serve` in a subprocess, from 16 client threads over gRPC streams, with a
+    slot for every adapter, then again with --gpu-slots 2 (adapters cycle through evictions);
+  - through PEFT, one request at a time: set_adapter + generate, on its own NF4 copy of the
+    base (what serving many adapters looks like without a batching server).
+
+Each server first gets one request per adapter, so both sides are measured warm (adapters
+loaded, kernels initialised); the PEFT loop gets the same warm-up.
+
+    speedup            PEFT loop wall time / server wall time (all slots)
+    speedup_2_slots    the same with --gpu-slots 2
+    ttft_p50_ms, ...   time to first token and latency per request, from the client
+    peft_agreement     fraction of requests whose server tokens equal PEFT's (a sanity check:
+                       both run the same NF4 base; float noise can flip a rare near-tie)
+
+    python bench/serve.py [--requests 128] [--clients 16] [--adapters 16] [--new-tokens 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import torch
+
+from engine import make_adapters  # bench/engine.py
+
+PROMPTS = [
+    "Summarise the meeting notes:",
+    "Translate to French: good morning",
+    "def fibonacci(n):",
+    "Write a haiku about the sea",
+    "Q: What is the capital of Peru?\nA:",
+    "The three laws of robotics are",
+    "SELECT name FROM users WHERE",
+    "Dear customer, thank you for",
+]
+
+
+def build_requests(n: int, adapters: int) -> list[tuple[str, str]]:
+    return [(f"a{i % adapters}", f"{PROMPTS[i % len(PROMPTS)]} #{i}") for i in range(n)]
+
+
+def push_all(adapter_dirs: list[Path], store: Path, max_rank: int) -> None:
+    from adapterd.registry.store import Registry, open_storage
+
+    registry = Registry(open_storage(store), max_rank=max_rank)
+    for i, path in enumerate(adapter_dirs):
+        registry.push("default", f"a{i}", path)
+
+
+def percentile(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, round(q * (len(values) - 1)))]
+
+
+class Server:
+    def __init__(self, base: Path, store: Path, workdir: Path, *, gpu_slots: int, max_rank: int, max_batch: int):
+        port_file = workdir / f"port-{gpu_slots}"
+        self.log = open(workdir / f"server-{gpu_slots}.log", "w")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "adapterd", "serve", "--port", "0", "--port-file", str(port_file),
+             "--base-model", str(base), "--registry", str(store), "--gpu-slots", str(gpu_slots),
+             "--max-rank", str(max_rank), "--max-batch-size", str(max_batch), "--metrics-port", "-1",
+             "--jobs-dir", str(workdir / "jobs")],
+            stdout=self.log, stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + 300
+        while not port_file.exists():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"adapterd did not start; see {self.log.name}")
+            time.sleep(0.1)
+        self.addr = f"127.0.0.1:{port_file.read_text().strip()}"
+        from adapterctl.client import Client
+
+        with Client(self.addr, timeout=5) as client:
+            while True:
+                try:
+                    if client.health() == "SERVING":
+                        break
+                except grpc.RpcError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise RuntimeError("adapterd did not become SERVING")
+                time.sleep(0.2)
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(timeout=120)
+        self.log.close()
+
+
+def run_clients(addr: str, requests: list[tuple[str, str]], clients: int, new_tokens: int) -> dict:
+    """`clients` threads, each sending the next request as soon as its last one ended."""
+    from adapterctl.client import Client
+
+    results: list[dict | None] = [None] * len(requests)
+    next_index = iter(range(len(requests)))
+    lock = threading.Lock()
+    errors: list[BaseException] = []
+
+    def worker(client: Client) -> None:
+        while True:
+            with lock:
+                i = next(next_index, None)
+            if i is None:
+                return
+            adapter, prompt = requests[i]
+            start = time.perf_counter()
+            first = None
+            tokens: list[int] = []
+            try:
+                for msg in client.generate_stream(prompt, adapter=adapter, max_new_tokens=new_tokens):
+                    if first is None:
+                        first = time.perf_counter()
+                    tokens.extend(msg.token_ids)
+            except grpc.RpcError as e:
+                errors.append(e)
+                return
+            results[i] = {"ttft": first - start, "latency": time.perf_counter() - start, "tokens": tokens}
+
+    with Client(addr) as client:
+        threads = [threading.Thread(target=worker, args=(client,)) for _ in range(clients)]
+        start = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        wall = time.perf_counter() - start
+    if errors:
+        raise RuntimeError(f"{len(errors)} requests failed, first: {errors[0]}")
+    ttft = [r["ttft"] * 1000 for r in results]
+    latency = [r["latency"] * 1000 for r in results]
+    tokens = sum(len(r["tokens"]) for r in results)
+    return {
+        "wall_s": wall,
+        "tokens": tokens,
+        "tok_s": tokens / wall,
+        "req_s": len(requests) / wall,
+        "ttft_p50_ms": statistics.median(ttft),
+        "ttft_p95_ms": percentile(ttft, 0.95),
+        "latency_p50_ms": statistics.median(latency),
+        "latency_p95_ms": percentile(latency, 0.95),
+        "outputs": [r["tokens"] for r in results],
+    }
+
+
+def serve_and_measure(base, store, workdir, requests, args, gpu_slots: int) -> dict:
+    server = Server(base, store, workdir, gpu_slots=gpu_slots, max_rank=args.rank, max_batch=args.max_batch_size)
+    try:
+        warm = [(f"a{i}", "warm up") for i in range(args.adapters)]
+        run_clients(server.addr, warm, args.clients, 2)
+        return run_clients(server.addr, requests, args.clients, args.new_tokens)
+    finally:
+        server.stop()
+
+
+def peft_loop(base: Path, adapter_dirs: list[Path], requests: list[tuple[str, str]], new_tokens: int) -> dict:
+    """One request at a time: set_adapter, then generate (greedy) on the NF4 base."""
+    from peft import PeftModel
+
+    from adapterd.engine.model import load_base_model
+
+    model, tokenizer, _ = load_base_model(base)
+    peft_model = PeftModel.from_pretrained(model, adapter_dirs[0], adapter_name="a0")
+    for i, path in enumerate(adapter_dirs[1:], start=1):
+        peft_model.load_adapter(path, adapter_name=f"a{i}")
+    peft_model.eval()
+
+    def generate(adapter: str, prompt: str, n: int) -> list[int]:
+        peft_model.set_adapter(adapter)
+        ids = torch.tensor([tokenizer(prompt)["input_ids"]])
+        with torch.inference_mode():
+            out = peft_model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                      max_new_tokens=n, do_sample=False)
+        return out[0, ids.shape[1]:].tolist()
+
+    for i in range(len(adapter_dirs)):
+        generate(f"a{i}", "warm up", 2)
+    start = time.perf_counter()
+    outputs = [generate(adapter, prompt, new_tokens) for adapter, prompt in requests]
+    wall = time.perf_counter() - start
+    tokens = sum(len(o) for o in outputs)
+    return {"wall_s": wall, "tokens": tokens, "tok_s": tokens / wall, "outputs": outputs}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--requests", type=int, default=128)
+    p.add_argument("--clients", type=int, default=16)
+    p.add_argument("--adapters", type=int, default=16)
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--max-batch-size", type=int, default=32)
+    p.add_argument("--base-model", type=Path, default=None, help="default: the demo model")
+    args = p.parse_args()
+
+    from adapterd.engine.demo import demo_model_dir
+
+    base = args.base_model or demo_model_dir()
+    requests = build_requests(args.requests, args.adapters)
+    with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
+        workdir = Path(tmp)
+        adapter_dirs = make_adapters(base, workdir / "peft", args.adapters, args.rank)
+        store = workdir / "registry"
+        push_all(adapter_dirs, store, args.rank)
+        all_slots = serve_and_measure(base, store, workdir, requests, args, gpu_slots=args.adapters)
+        two_slots = serve_and_measure(base, store, workdir, requests, args, gpu_slots=2)
+        peft = peft_loop(base, adapter_dirs, requests, args.new_tokens)
+
+    served, served_2, looped = all_slots.pop("outputs"), two_slots.pop("outputs"), peft.pop("outputs")
+    agree = sum(a == b for a, b in zip(served, looped, strict=True))
+    result = {
+        "requests": args.requests,
+        "clients": args.clients,
+        "adapters": args.adapters,
+        "new_tokens": args.new_tokens,
+        "rank": args.rank,
+        "torch_threads": torch.get_num_threads(),
+        "server": {k: round(v, 2) for k, v in all_slots.items()},
+        "server_2_slots": {k: round(v, 2) for k, v in two_slots.items()},
+        "peft_loop": {k: round(v, 2) for k, v in peft.items()},
+        "speedup": round(peft["wall_s"] / all_slots["wall_s"], 2),
+        "speedup_2_slots": round(peft["wall_s"] / two_slots["wall_s"], 2),
+        "ttft_p50_ms": round(all_slots["ttft_p50_ms"], 1),
+        "ttft_p50_ms_2_slots": round(two_slots["ttft_p50_ms"], 1),
+        "peft_agreement": round(agree / args.requests, 3),
+        "same_outputs_with_2_slots": served == served_2,
+    }
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()
