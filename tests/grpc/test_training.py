@@ -45,6 +45,9 @@ PAIRS = [
     ("fill NaN with 0", "df.fillna(0)"),
 ]
 
+# General prompts with references, for the retention file.
+GENERAL = [("capital of France", "Paris"), ("2 + 2", "4"), ("opposite of hot", "cold")]
+
 
 def prompt(question: str) -> str:
     return f"Q: {question}\nA: "
@@ -87,7 +90,7 @@ def server(parts_for, tiny_base, tmp_path):
     s.stop()
 
 
-def write_jsonl(path, rows) -> str:
+def write_jsonl(path, rows):
     path.write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in rows) + "\n")
     return path
 
@@ -113,9 +116,10 @@ def generate(server, adapter: str, text: str) -> str:
 
 def test_a_job_end_to_end(server, tmp_path, capsys):
     data = pairs_file(tmp_path)
+    retention = write_jsonl(tmp_path / "general.jsonl", [{"prompt": prompt(q), "completion": a} for q, a in GENERAL])
     client = TrainingClient(Client(server.addr))
-    job = client.create(data, name="pandas-tiny", validation=data, epochs=40, learning_rate=3e-3, batch_size=2,
-                        eval_max_new_tokens=40)
+    job = client.create(data, name="pandas-tiny", validation=data, retention=retention, epochs=40,
+                        learning_rate=3e-3, batch_size=2, eval_max_new_tokens=40)
     assert job.state == tpb.QUEUED and job.train_examples == job.validation_examples == len(PAIRS)
 
     events = watch(server, job.id)
@@ -134,8 +138,9 @@ def test_a_job_end_to_end(server, tmp_path, capsys):
     assert exact >= 0.9 * len(PAIRS), list(zip(answers, PAIRS, strict=True))
     assert generate(server, "", prompt(PAIRS[0][0])) != PAIRS[0][1]  # the base model does not know them
 
-    (val,) = job.evaluation
-    assert val.split == "validation" and val.examples == len(PAIRS)
+    val, kept = job.evaluation
+    assert (val.split, val.examples, kept.split, kept.examples) == ("validation", len(PAIRS), "retention", len(GENERAL))
+    assert kept.adapter.loss > 0 and kept.base.loss > 0  # scored for both, so forgetting would show
     assert val.adapter.rouge_l.f1 > val.base.rouge_l.f1 and val.adapter.rouge_l.f1 > 0.9
     assert val.adapter.loss < val.base.loss
     assert job.training.steps > 0 and job.training.tokens_per_second > 0
@@ -144,6 +149,7 @@ def test_a_job_end_to_end(server, tmp_path, capsys):
     assert meta.source == apb.SOURCE_TRAINED and meta.job_id == job.id
     assert meta.metrics["validation.adapter.rougeL.f1"] == pytest.approx(val.adapter.rouge_l.f1)
     assert meta.metrics["validation.base.rougeL.f1"] == pytest.approx(val.base.rouge_l.f1)
+    assert meta.metrics["retention.base.loss"] == pytest.approx(kept.base.loss)
 
     assert cli.main(["--addr", server.addr, "jobs", "show", job.id]) == 0
     shown = capsys.readouterr().out
