@@ -130,7 +130,7 @@ def test_validation_split_is_deterministic_and_disjoint(tok):
 @pytest.mark.parametrize(
     ("kwargs", "flag"),
     [
-        ({"name": ""}, "--name"), ({"epochs": 0}, "--epochs"), ({"learning_rate": -1}, "--lr"),
+        ({"name": ""}, "--name"), ({"name": "My Adapter"}, "--name 'My Adapter' is not valid"), ({"epochs": 0}, "--epochs"), ({"learning_rate": -1}, "--lr"),
         ({"rank": 0}, "--rank"), ({"dropout": 1.0}, "--dropout"), ({"batch_size": 0}, "--batch-size"),
         ({"grad_accum": 0}, "--grad-accum"), ({"max_seq_len": 4}, "--max-seq-len"), ({"val_split": 1.0}, "--val-split"),
         ({"target_modules": ("all-linear", "q_proj")}, "--target-modules"), ({"target_modules": ()}, "--target-modules"),

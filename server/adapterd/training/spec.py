@@ -15,6 +15,8 @@ import json
 import math
 from dataclasses import asdict, dataclass, fields
 
+from adapterctl.adapter_check import CheckError, check_name
+
 from adapterd.errors import InvalidArgument
 
 ALL_LINEAR = "all-linear"
@@ -44,6 +46,10 @@ class TrainingSpec:
     def __post_init__(self):
         object.__setattr__(self, "target_modules", tuple(self.target_modules))
         _need(bool(self.name), "--name is required: the adapter's name in the registry")
+        try:  # the registry's own rule, checked now rather than at publishing, after the training
+            check_name(self.name, "--name")
+        except CheckError as e:
+            raise InvalidArgument(str(e)) from e
         _need(len(self.description) <= 4096, "--description is longer than 4096 characters")
         _need(math.isfinite(self.epochs) and 0 < self.epochs <= 1000, f"--epochs must be in (0, 1000]; got {self.epochs}")
         _need(
