@@ -111,6 +111,10 @@ def test_eos_ends_a_row(engine):
     assert [e.token_id for e in events] == first[:3]
     assert events[-1].finish_reason == "eos"
     assert gen.num_running == 0 and gen.kv is None
+    events = gen.add([Request("i", list(b"eos"), SamplingParams(max_new_tokens=5, ignore_eos=True), 0)])
+    while gen.num_running:
+        events += gen.step()
+    assert [e.token_id for e in events] == first and events[-1].finish_reason == "length"
 
 
 def test_repetition_penalty_changes_greedy_output(engine):

@@ -146,7 +146,7 @@ class Generator:
         row.last_token = token
         params = row.request.params
         reason = None
-        if token in self.eos:
+        if token in self.eos and not params.ignore_eos:
             text, reason = row.text.flush(), "eos"
         else:
             text, stopped = row.text.push(token)

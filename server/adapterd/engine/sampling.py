@@ -25,6 +25,7 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     logprobs: bool = False
+    ignore_eos: bool = False  # run to max_new_tokens (benchmarks, tests), as vLLM's ignore_eos
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
