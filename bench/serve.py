@@ -14,8 +14,13 @@ loaded, kernels initialised); the PEFT loop gets the same warm-up.
     speedup            PEFT loop wall time / server wall time (all slots)
     speedup_2_slots    the same with --gpu-slots 2
     ttft_p50_ms, ...   time to first token and latency per request, from the client
-    peft_agreement     fraction of requests whose server tokens equal PEFT's (a sanity check:
-                       both run the same NF4 base; float noise can flip a rare near-tie)
+    peft_agreement     fraction of requests whose server tokens equal PEFT's, and
+    outputs_equal_2_slots  the same between the two servers: sanity checks. The demo model's
+                       random logits are flat, so float noise from a different batch shape can
+                       flip a near-tie; the tests check exact equality on a peaky tiny model.
+
+Request i goes to adapter i % 16: with 16 clients each client keeps to one adapter, so at
+most --gpu-slots adapters, i.e. rows, can be in a batch at once in the 2-slot run.
 
     python bench/serve.py [--requests 128] [--clients 16] [--adapters 16] [--new-tokens 32]
 """
@@ -71,6 +76,7 @@ def percentile(values: list[float], q: float) -> float:
 class Server:
     def __init__(self, base: Path, store: Path, workdir: Path, *, gpu_slots: int, max_rank: int, max_batch: int):
         port_file = workdir / f"port-{gpu_slots}"
+        port_file.unlink(missing_ok=True)
         self.log = open(workdir / f"server-{gpu_slots}.log", "w")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "adapterd", "serve", "--port", "0", "--port-file", str(port_file),
@@ -239,7 +245,7 @@ def main() -> None:
         "ttft_p50_ms": round(all_slots["ttft_p50_ms"], 1),
         "ttft_p50_ms_2_slots": round(two_slots["ttft_p50_ms"], 1),
         "peft_agreement": round(agree / args.requests, 3),
-        "same_outputs_with_2_slots": served == served_2,
+        "outputs_equal_2_slots": round(sum(a == b for a, b in zip(served, served_2, strict=True)) / args.requests, 3),
     }
     print(json.dumps(result))
 

@@ -28,7 +28,7 @@ from adapterd import tls
 from adapterd.access import AuthInterceptor, MetricsInterceptor
 from adapterd.auth import Authenticator, TenantLimiter
 from adapterd.config import Config
-from adapterd.engine.loop import EngineLoop, load_engine_parts
+from adapterd.engine.loop import EngineLoop, load_engine_parts, set_torch_threads
 from adapterd.errors import AdapterdError
 from adapterd.interceptors import ErrorInterceptor
 from adapterd.metrics import Metrics
@@ -144,6 +144,8 @@ async def serve(config: Config) -> int:
     except AdapterdError as e:
         log.error("the adapter registry cannot be used: %s", e)
         return 1
+    threads = set_torch_threads(config.model.torch_threads)
+    log.info("torch uses %d CPU thread(s)", threads)
     engine = EngineLoop(
         lambda: load_engine_parts(config.model, config.cache),
         RegistryResolver(registry),

@@ -53,8 +53,10 @@ class ModelConfig:
     device: str = "auto"
     compute_dtype: str = "auto"
     quantize: bool = True
+    torch_threads: int = 0  # 0: one core fewer than the process may use (gRPC needs one), at least 1
 
     def __post_init__(self):
+        _check(self.torch_threads >= 0, f"--torch-threads must be >= 0 (0 = auto); got {self.torch_threads}")
         _check(
             self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
             f"--device must be auto, cpu or cuda[:N]; got {self.device!r}",
@@ -66,7 +68,7 @@ class ModelConfig:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> ModelConfig:
-        return cls(args.base_model, args.device, args.compute_dtype, not args.no_quantize)
+        return cls(args.base_model, args.device, args.compute_dtype, not args.no_quantize, args.torch_threads)
 
 
 @dataclass(frozen=True)
@@ -341,6 +343,11 @@ def add_model_flags(p: argparse._ArgumentGroup) -> None:
         help="auto (bf16 on a GPU, float32 on the CPU), float32, bfloat16 or float16 (default: %(default)s)",
     )
     p.add_argument("--no-quantize", action="store_true", help="keep the base model in full precision instead of NF4")
+    p.add_argument(
+        "--torch-threads", type=int, default=d.torch_threads, metavar="N",
+        help="CPU threads for tensor work; 0 = one fewer than the cores this process may use, so "
+        "the gRPC threads keep a core (at most $OMP_NUM_THREADS when set) (default: %(default)s)",
+    )
 
 
 def add_scheduler_flags(p: argparse._ArgumentGroup) -> None:

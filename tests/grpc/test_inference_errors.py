@@ -201,3 +201,19 @@ def test_not_serving_and_unavailable_until_the_model_is_warm(tiny_base, parts_fo
     finally:
         gate.set()
         server.stop()
+
+
+def test_if_the_engine_loop_dies_calls_get_unavailable_not_a_hang(serve, monkeypatch):
+    server = serve()
+    engine = server.engine
+
+    def broken(sub):
+        raise SystemExit("simulated fatal error outside an iteration")
+
+    # Fatal errors (not Exception) escape the per-iteration guard: the loop must not leave
+    # callers waiting forever.
+    monkeypatch.setattr(engine._sched, "add", broken)
+    code, details = _code(server.inference.Generate, request("hello"), timeout=10)
+    assert code == grpc.StatusCode.UNAVAILABLE
+    code, _ = _code(server.inference.Generate, request("hello again"), timeout=10)
+    assert code == grpc.StatusCode.UNAVAILABLE

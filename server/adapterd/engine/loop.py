@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import threading
 import time
 import uuid
@@ -58,6 +59,19 @@ def load_engine_parts(model_config: ModelConfig, cache_config: CacheConfig) -> E
     model, tokenizer, spec = load_base_model(path, device=device, compute_dtype=dtype, quantize=model_config.quantize)
     slots = inject_lora(model, num_slots=cache_config.gpu_slots + 1, max_rank=cache_config.max_rank)
     return EngineParts(model, tokenizer, slots, spec)
+
+
+def set_torch_threads(requested: int) -> int:
+    """Set torch's CPU threads (process-wide) to `requested`, or for 0 to one fewer than the
+    usable cores (the gRPC and asyncio threads need one to stream tokens out), capped by
+    what OMP_NUM_THREADS already set. Returns the number set."""
+    import torch
+
+    if requested <= 0:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        requested = max(1, min(torch.get_num_threads(), cores - 1))
+    torch.set_num_threads(requested)
+    return requested
 
 
 @dataclass
@@ -139,6 +153,8 @@ class EngineLoop:
         # Shared with the handlers, under _cv: the inbox, cancellations, counters, flags.
         self._cv = threading.Condition()
         self._inbox: list[Submission] = []
+        # Every accepted request until its last event: whatever happens, each gets one.
+        self._live: dict[str, Submission] = {}
         self._cancels: set[str] = set()
         self._queued = 0  # inbox + waiting: what --max-queue bounds
         self._kick = False
@@ -251,6 +267,7 @@ class EngineLoop:
                 )
             self._queued += 1
             self._inbox.append(sub)
+            self._live[sub.id] = sub
             self._kick = True
             self._cv.notify()
         return Generation(self, sub, queue)
@@ -284,7 +301,12 @@ class EngineLoop:
         log.info("engine ready: batch %d, %d slots", self.config.max_batch_size, self.cache.slots.num_slots - 1)
         try:
             self._serve()
+        except BaseException:
+            log.critical("the engine loop died; refusing new requests", exc_info=True)
+            raise
         finally:
+            with self._cv:
+                self._draining = True  # nothing would ever serve what is queued from now on
             self._shutdown()
 
     def _setup(self, parts: EngineParts) -> None:
@@ -318,20 +340,20 @@ class EngineLoop:
                 inbox, self._inbox = self._inbox, []
                 cancels, self._cancels = self._cancels, set()
                 if self._stopping:
-                    self._sched.waiting.extend(inbox)
-                    return
+                    return  # _shutdown fails what is left with UNAVAILABLE
             for sub in inbox:
                 self._sched.add(sub)
-                self._observe_arrival(sub)
             try:
+                for sub in inbox:
+                    self._observe_arrival(sub)
                 self._iterate(cancels)
+                if self.metrics is not None:
+                    self.metrics.set_queue_depth(self._queued)
+                    self.metrics.set_batch_size(len(self._running))
             except Exception:  # noqa: BLE001 - a bug here must not end the loop for everyone
                 log.exception("engine loop iteration failed; failing the running rows")
                 self._fail_running(errors.AdapterdError("internal error in the engine; see the server log"))
             self._flush()
-            if self.metrics is not None:
-                self.metrics.set_queue_depth(self._queued)
-                self.metrics.set_batch_size(len(self._running))
 
     def _idle_timeout(self) -> float | None:
         deadline = self._sched.next_timer()
@@ -414,6 +436,7 @@ class EngineLoop:
             if ev.finished:
                 del self._running[sub.id]
                 self._sched.release(sub)
+                self._forget(sub)
                 self._observe_finished(sub, ev, now)
 
     # --- metrics (engine thread) ---------------------------------------------------------
@@ -451,7 +474,12 @@ class EngineLoop:
             with self._cv:
                 self._queued -= 1
         self._sched.release(sub)
+        self._forget(sub)
         self._deliver(sub, type(error)(str(error)))  # a fresh instance per request
+
+    def _forget(self, sub: Submission) -> None:
+        with self._cv:
+            self._live.pop(sub.id, None)
 
     def _fail_running(self, error: errors.AdapterdError) -> None:
         self._gen.abort_all()
@@ -469,13 +497,20 @@ class EngineLoop:
         self._outbox = {}
 
     def _shutdown(self) -> None:
-        error = errors.Unavailable("the server is shutting down; retry on another replica")
+        """Give every request still alive its last event (UNAVAILABLE), however the loop
+        ended: a drain, or a fatal error."""
         if self._gen is not None:
-            for sub in list(self._sched.waiting):
-                self._fail(sub, error)
+            self._gen.abort_all()
+        with self._cv:
+            left, self._live = list(self._live.values()), {}
+            self._inbox, self._queued = [], 0
+        self._running.clear()
+        if self._sched is not None:
             self._sched.waiting.clear()
-            self._fail_running(error)
-            self._flush()
+        error = errors.Unavailable("the server is shutting down; retry on another replica")
+        for sub in left:
+            self._deliver(sub, type(error)(str(error)))
+        self._flush()
         if self.cache is not None:
             self.cache.close()
 
