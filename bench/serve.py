@@ -41,7 +41,6 @@ from pathlib import Path
 
 import grpc
 import torch
-
 from engine import make_adapters  # bench/engine.py
 
 PROMPTS = [
@@ -177,9 +176,8 @@ def serve_and_measure(base, store, workdir, requests, args, gpu_slots: int) -> d
 
 def peft_loop(base: Path, adapter_dirs: list[Path], requests: list[tuple[str, str]], new_tokens: int) -> dict:
     """One request at a time: set_adapter, then generate (greedy) on the NF4 base."""
-    from peft import PeftModel
-
     from adapterd.engine.model import load_base_model
+    from peft import PeftModel
 
     model, tokenizer, _ = load_base_model(base)
     peft_model = PeftModel.from_pretrained(model, adapter_dirs[0], adapter_name="a0")
