@@ -97,19 +97,7 @@ def request(prompt: str, adapter: str = "", **params) -> pb.GenerateRequest:
     return pb.GenerateRequest(adapter=adapter, prompt=prompt, params=pb.GenerationParams(**params))
 
 
-def long_request(server: RunningServer, adapter: str = "", max_new_tokens: int = 240) -> pb.GenerateRequest:
-    """A greedy request that runs its full max_new_tokens (the random models can emit EOS
-    early): for tests that need a row to stay busy until they cancel it. Greedy output is
-    deterministic, so the prompt found is remembered for the session."""
-    key = (adapter, max_new_tokens)
-    if key not in _LONG_PROMPTS:
-        _LONG_PROMPTS[key] = next(
-            (p for p in (f"keep going {i}" for i in range(20))
-             if server.inference.Generate(request(p, adapter, max_new_tokens=max_new_tokens)).finish_reason == pb.LENGTH),
-            None,
-        )
-        assert _LONG_PROMPTS[key] is not None, "no prompt ran to max_new_tokens"
-    return request(_LONG_PROMPTS[key], adapter, max_new_tokens=max_new_tokens)
-
-
-_LONG_PROMPTS: dict[tuple[str, int], str | None] = {}
+def long_request(adapter: str = "", max_new_tokens: int = 240) -> pb.GenerateRequest:
+    """A request that runs its full max_new_tokens (ignore_eos: the random test models can
+    emit EOS early), for tests that need a row to stay busy until they cancel it."""
+    return request("keep going", adapter, max_new_tokens=max_new_tokens, ignore_eos=True)

@@ -28,6 +28,7 @@ def register(subparsers) -> None:
     p.add_argument("--seed", type=_non_negative, default=None, metavar="S", help="seed for sampling, for reproducible output")
     p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop when the text ends with TEXT (repeatable)")
     p.add_argument("--logprobs", action="store_true", help="ask for token log-probabilities (shown with --json)")
+    p.add_argument("--ignore-eos", action="store_true", help="generate past end-of-sequence, to --max-new-tokens")
     p.add_argument("--stream", action="store_true", help="print the text as it is generated")
     p.add_argument("--json", action="store_true", help="print the full response as JSON (one object per message with --stream)")
     p.add_argument("prompt", help='the prompt; "-" reads it from stdin')
@@ -52,6 +53,7 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         stop=args.stop,
         logprobs=args.logprobs,
+        ignore_eos=args.ignore_eos,
     )
     with Client.from_args(args) as client:
         if args.stream:

@@ -109,7 +109,6 @@ class SchedulerConfig:
 
 @dataclass(frozen=True)
 class CacheConfig:
-    registry: Path = Path("adapters")
     gpu_slots: int = 8
     cpu_adapters: int = 64
     cpu_bytes: int = 2 * 2**30

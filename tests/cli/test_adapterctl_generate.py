@@ -15,7 +15,7 @@ from adapterd.config import CacheConfig, ModelConfig
 from adapterd.engine.loop import load_engine_parts
 from adapterd.registry.store import Registry, RegistryResolver, open_storage
 
-from tests.grpc_harness import RunningServer, long_request, request
+from tests.grpc_harness import RunningServer, request
 
 MAX_RANK = 16
 
@@ -85,9 +85,8 @@ def test_errors_are_one_line_with_a_distinct_exit_status(server, capsys, argv, s
 
 
 def test_deadline_and_unreachable_server(server, capsys):
-    prompt = long_request(server).prompt
     code, _, err = _run(capsys, "--addr", server.addr, "--timeout", "0.05", "generate",
-                        "--max-new-tokens", "240", prompt)
+                        "--max-new-tokens", "240", "--ignore-eos", "keep going")
     assert code == 14 and err.startswith("adapterctl: DEADLINE_EXCEEDED") and "--timeout" in err
     code, _, err = _run(capsys, "--addr", "127.0.0.1:1", "generate", "x")
     assert code == 24 and err.startswith("adapterctl: UNAVAILABLE") and "127.0.0.1:1" in err

@@ -68,14 +68,14 @@ def registry_resolver(root, spec) -> RegistryResolver:
 
 
 @pytest.fixture
-def serve(parts_for, registry_root, registry_store):
+def serve(parts_for, registry_store):
     """serve(gpu_slots=8, resolver=None, scheduler=None, wait_ready=True, **cache_kw) -> RunningServer.
     The default resolver is the registry with a0..a7 (served as "a0@1", ...)."""
     running: list[RunningServer] = []
 
     def start(*, gpu_slots: int = 8, resolver=None, scheduler=None, wait_ready: bool = True, **cache_kw):
         parts = parts_for(gpu_slots)
-        cache = CacheConfig(registry=registry_root, gpu_slots=gpu_slots, max_rank=MAX_RANK, **cache_kw)
+        cache = CacheConfig(gpu_slots=gpu_slots, max_rank=MAX_RANK, **cache_kw)
         server = RunningServer.start(
             parts, resolver or registry_resolver(registry_store, parts.spec),
             scheduler=scheduler or TEST_SCHEDULER, cache=cache, wait_ready=wait_ready,

@@ -141,7 +141,7 @@ def test_an_exception_in_prefill_fails_only_that_request(serve, monkeypatch):
 
 def test_queue_full_is_resource_exhausted_at_once(serve):
     server = serve(scheduler=SchedulerConfig(max_batch_size=1, max_queue=1, max_input_tokens=64, max_total_tokens=256))
-    running = server.inference.GenerateStream(long_request(server))
+    running = server.inference.GenerateStream(long_request())
     next(running)  # admitted: it holds the only row
     queued = server.inference.Generate.future(request("queued", max_new_tokens=2))
     server.wait_for(lambda s: s["queued"] == 1, what="one queued request")
@@ -153,7 +153,7 @@ def test_queue_full_is_resource_exhausted_at_once(serve):
 
 def test_deadline_expired_frees_the_row(serve):
     server = serve()
-    code, _ = _code(server.inference.Generate, long_request(server), timeout=0.05)
+    code, _ = _code(server.inference.Generate, long_request(), timeout=0.05)
     assert code == grpc.StatusCode.DEADLINE_EXCEEDED
     server.wait_for(lambda s: s["running"] == 0 and s["queued"] == 0, what="the row to be freed")
 

@@ -35,11 +35,14 @@ def test_finish_reasons(serve):
     cut = server.inference.Generate(request("abc", max_new_tokens=30, stop=[stop]))
     assert cut.finish_reason == pb.STOP
     assert cut.text == full[: full.index(stop)] and stop not in cut.text
+    # ignore_eos runs to max_new_tokens whatever the model says.
+    long = server.inference.Generate(request("abc", max_new_tokens=200, ignore_eos=True))
+    assert long.finish_reason == pb.LENGTH and long.completion_tokens == 200
 
 
 def test_cancel_frees_the_row_within_a_step(serve):
     server = serve()
-    stream = server.inference.GenerateStream(long_request(server, adapter="a2"))
+    stream = server.inference.GenerateStream(long_request(adapter="a2"))
     for _ in range(3):
         next(stream)
     assert server.engine.stats()["running"] == 1

@@ -128,7 +128,7 @@ def stack(prometheus_binary, parts_for, registry_root, tmp_path):
     metrics = Metrics(CollectorRegistry())
     server = RunningServer.start(
         parts_for(2), DirectoryResolver(registry_root), metrics=metrics,
-        cache=CacheConfig(registry=registry_root, gpu_slots=2, max_rank=16),
+        cache=CacheConfig(gpu_slots=2, max_rank=16),
     )
     metrics_port = metrics.start_http_server("127.0.0.1", 0)
     prometheus = None

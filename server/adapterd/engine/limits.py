@@ -36,6 +36,7 @@ def sampling_params(
     stop: list[str] | tuple[str, ...],
     logprobs: bool,
     limits: SchedulerConfig,
+    ignore_eos: bool = False,
 ) -> SamplingParams:
     """Check the generation parameters; None means "not set" (the default)."""
     if max_new_tokens < 1:
@@ -74,4 +75,5 @@ def sampling_params(
         seed=seed,
         stop=tuple(stop),
         logprobs=logprobs,
+        ignore_eos=ignore_eos,
     )

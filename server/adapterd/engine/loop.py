@@ -86,6 +86,7 @@ class GenerateArgs:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     logprobs: bool = False
+    ignore_eos: bool = False
 
 
 class _Sink:

@@ -47,7 +47,8 @@ class Resolver(Protocol):
 
 
 class DirectoryResolver:
-    """Before the registry: an adapter NAME is the PEFT directory ROOT/NAME."""
+    """Without a registry: an adapter NAME is the PEFT directory ROOT/NAME, checked when it is
+    first loaded (`adapterd serve` resolves through the registry; tests use this one)."""
 
     def __init__(self, root: Path):
         self.root = Path(root)

@@ -96,6 +96,7 @@ def generate_args(p: pb.GenerationParams) -> GenerateArgs:
         seed=p.seed if p.HasField("seed") else None,
         stop=tuple(p.stop),
         logprobs=p.logprobs,
+        ignore_eos=p.ignore_eos,
     )
 
 
