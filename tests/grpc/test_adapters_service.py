@@ -6,6 +6,7 @@ under traffic without disturbing requests already running."""
 from __future__ import annotations
 
 import threading
+from dataclasses import replace
 
 import grpc
 import pytest
@@ -18,7 +19,7 @@ from adapterd.registry.store import Registry, RegistryResolver, blob_key
 from adapterd_api.v1 import adapters_pb2 as apb
 
 from tests.adapter_cases import BAD_PUSHES, bad_adapter
-from tests.grpc_harness import RunningServer, request
+from tests.grpc_harness import TEST_SCHEDULER, RunningServer, request
 
 MAX_RANK = 16
 PROMPT = "SELECT name FROM"
@@ -38,9 +39,15 @@ def _registry(kind: str, tmp_path, request) -> Registry:
     return Registry(storage, max_rank=MAX_RANK, max_bytes=10 << 20, deleted_grace_s=0)
 
 
+# Streams that must still run while a push or a delete happens are this long: long enough
+# that the control call lands mid-stream even on a loaded machine.
+LONG = 480
+LONG_SCHEDULER = replace(TEST_SCHEDULER, max_total_tokens=512)
+
+
 def _start(parts_for, registry: Registry) -> RunningServer:
     return RunningServer.start(parts_for(4), RegistryResolver(registry), registry=registry,
-                               cache=CacheConfig(gpu_slots=4, max_rank=MAX_RANK))
+                               scheduler=LONG_SCHEDULER, cache=CacheConfig(gpu_slots=4, max_rank=MAX_RANK))
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -62,7 +69,8 @@ def _ctl(server: RunningServer) -> AdaptersClient:
 
 
 def _generate(server, adapter: str, max_new_tokens: int = 8):
-    return server.inference.Generate(request(PROMPT, adapter, max_new_tokens=max_new_tokens))
+    # ignore_eos: a stream that must outlast a push or a delete never ends early at EOS
+    return server.inference.Generate(request(PROMPT, adapter, max_new_tokens=max_new_tokens, ignore_eos=True))
 
 
 def _status(fn, *args, **kw) -> tuple[grpc.StatusCode, str]:
@@ -207,9 +215,9 @@ def test_flipped_byte_is_data_loss_for_that_adapter_alone(server, adapters):
 # ---- versions under traffic ---------------------------------------------------------------
 
 
-def _stream_in_background(server, adapter: str, max_new_tokens: int = 200):
+def _stream_in_background(server, adapter: str, max_new_tokens: int = LONG):
     """Start a greedy stream; returns (first message, thread collecting the rest, result)."""
-    stream = server.inference.GenerateStream(request(PROMPT, adapter, max_new_tokens=max_new_tokens))
+    stream = server.inference.GenerateStream(request(PROMPT, adapter, max_new_tokens=max_new_tokens, ignore_eos=True))
     first = next(stream)
     result: dict = {"tokens": list(first.token_ids)}
 
@@ -225,14 +233,15 @@ def _stream_in_background(server, adapter: str, max_new_tokens: int = 200):
 def test_push_v2_while_v1_streams(local_server, adapters):
     server, ctl = local_server, _ctl(local_server)
     ctl.push(adapters[0], "sql")
-    reference_v1 = list(_generate(server, "sql@1", max_new_tokens=200).token_ids)
+    reference_v1 = list(_generate(server, "sql@1", max_new_tokens=LONG).token_ids)
+    assert len(reference_v1) == LONG
     first, thread, result = _stream_in_background(server, "sql")
     assert first.adapter == "sql@1"
     ctl.push(adapters[1], "sql")
     assert server.engine.stats()["running"] >= 1, "the v1 stream ended before v2 was pushed"
-    new = _generate(server, "sql", max_new_tokens=200)
+    new = _generate(server, "sql", max_new_tokens=LONG)
     assert new.adapter == "sql@2" and list(new.token_ids) != reference_v1  # the adapters differ
-    assert _generate(server, "sql@1", max_new_tokens=200).token_ids == reference_v1  # pinned keeps v1
+    assert _generate(server, "sql@1", max_new_tokens=LONG).token_ids == reference_v1  # pinned keeps v1
     thread.join(30)
     assert result["tokens"] == reference_v1  # the running stream finished on v1
 
@@ -240,7 +249,8 @@ def test_push_v2_while_v1_streams(local_server, adapters):
 def test_delete_lets_running_requests_finish(local_server, adapters):
     server, ctl = local_server, _ctl(local_server)
     ctl.push(adapters[0], "sql")
-    reference = list(_generate(server, "sql@1", max_new_tokens=200).token_ids)
+    reference = list(_generate(server, "sql@1", max_new_tokens=LONG).token_ids)
+    assert len(reference) == LONG
     _, thread, result = _stream_in_background(server, "sql@1")
     assert [a.ref for a in ctl.delete("sql@1")] == ["default/sql@1"]
     assert server.engine.stats()["running"] >= 1, "the stream ended before the delete"
