@@ -10,7 +10,7 @@ from adapterd.engine.lora import BatchedLoraLinear, LoraSlots, reference_forward
 
 
 def _slots_for(layer: BatchedLoraLinear, gathered: bool) -> LoraSlots:
-    return LoraSlots({"layer": layer}, layer.lora_a.shape[0], layer.lora_a.shape[1], torch.device("cpu"),
+    return LoraSlots({"layer": layer}, layer.lora_a.shape[0], layer.lora_a.shape[2], torch.device("cpu"),
                      gather_budget_bytes=2**40 if gathered else 0)
 
 
