@@ -73,7 +73,8 @@ def percentile(values: list[float], q: float) -> float:
 
 
 class Server:
-    def __init__(self, base: Path, store: Path, workdir: Path, *, gpu_slots: int, max_rank: int, max_batch: int):
+    def __init__(self, base: Path, store: Path, workdir: Path, *, gpu_slots: int, max_rank: int, max_batch: int,
+                 torch_threads: int = 0):
         port_file = workdir / f"port-{gpu_slots}"
         port_file.unlink(missing_ok=True)
         self.log = open(workdir / f"server-{gpu_slots}.log", "w")  # noqa: SIM115 - closed in stop()
@@ -81,7 +82,7 @@ class Server:
             [sys.executable, "-m", "adapterd", "serve", "--port", "0", "--port-file", str(port_file),
              "--base-model", str(base), "--registry", str(store), "--gpu-slots", str(gpu_slots),
              "--max-rank", str(max_rank), "--max-batch-size", str(max_batch), "--metrics-port", "-1",
-             "--jobs-dir", str(workdir / "jobs")],
+             "--jobs-dir", str(workdir / "jobs"), "--torch-threads", str(torch_threads)],
             stdout=self.log, stderr=subprocess.STDOUT,
         )
         deadline = time.monotonic() + 300
@@ -165,7 +166,8 @@ def run_clients(addr: str, requests: list[tuple[str, str]], clients: int, new_to
 
 
 def serve_and_measure(base, store, workdir, requests, args, gpu_slots: int) -> dict:
-    server = Server(base, store, workdir, gpu_slots=gpu_slots, max_rank=args.rank, max_batch=args.max_batch_size)
+    server = Server(base, store, workdir, gpu_slots=gpu_slots, max_rank=args.rank, max_batch=args.max_batch_size,
+                    torch_threads=args.torch_threads)
     try:
         warm = [(f"a{i}", "warm up") for i in range(args.adapters)]
         run_clients(server.addr, warm, args.clients, 2)
@@ -211,6 +213,7 @@ def main() -> None:
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--max-batch-size", type=int, default=32)
     p.add_argument("--base-model", type=Path, default=None, help="default: the demo model")
+    p.add_argument("--torch-threads", type=int, default=0, help="the server's --torch-threads (0: its default)")
     args = p.parse_args()
 
     from adapterd.engine.demo import demo_model_dir
