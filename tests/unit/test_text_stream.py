@@ -49,3 +49,12 @@ def test_partial_stop_prefix_is_held_then_released(tok):
 def test_earliest_of_several_stops_wins(tok):
     _, out, hit_at = _stream(tok, "one END two STOP", stop=["STOP", "END"])
     assert "".join(out) == "one "
+
+
+def test_invalid_bytes_are_released_not_dropped(tok):
+    ts = TextStream(tok, ())
+    ids = [0x8D, 0xA9, 0xA9, 0xA9, 0xA9, 0xA9, 0xA9]  # continuation bytes: never a character
+    out = [ts.push(t)[0] for t in ids]
+    text = "".join(out) + ts.flush()
+    assert text == tok.decode(ids) and text.count("\ufffd") >= 1
+    assert "".join(out), "invalid bytes are released during the stream, not held to the end"

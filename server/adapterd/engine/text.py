@@ -37,16 +37,20 @@ class TextStream:
         return delta, False
 
     def flush(self) -> str:
-        """At the end of generation: release whatever was held back."""
+        """At the end of generation: release whatever was held back, an incomplete
+        character included (as U+FFFD)."""
+        self._decode_new(final=True)
         delta = self.text[self.sent :]
         self.sent = len(self.text)
         return delta
 
-    def _decode_new(self) -> None:
+    def _decode_new(self, final: bool = False) -> None:
         decode = self.tokenizer.decode
         before = decode(self.ids[self._prefix_offset : self._read_offset], skip_special_tokens=True)
         after = decode(self.ids[self._prefix_offset :], skip_special_tokens=True)
-        if len(after) > len(before) and not after.endswith("\ufffd"):
+        # A UTF-8 character is at most 4 bytes: past that, the bytes are invalid, not pending.
+        pending = after.endswith("\ufffd") and len(self.ids) - self._read_offset < 4
+        if len(after) > len(before) and (final or not pending):
             self.text += after[len(before) :]
             self._prefix_offset = self._read_offset
             self._read_offset = len(self.ids)
