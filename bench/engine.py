@@ -71,7 +71,7 @@ def engine_runner(base_dir: Path, adapters: list[Path], prompts: list[list[int]]
         def run(n: int):
             gen = Generator(model, tokenizer, slots, eos_token_ids=set())
             params = SamplingParams(max_new_tokens=n)
-            gen.add([Request(str(i), p, params, s) for i, (p, s) in enumerate(zip(prompts, slot_of_row))])
+            gen.add([Request(str(i), p, params, s) for i, (p, s) in enumerate(zip(prompts, slot_of_row, strict=True))])
             while gen.num_running:
                 gen.step()
         return run
@@ -80,9 +80,8 @@ def engine_runner(base_dir: Path, adapters: list[Path], prompts: list[list[int]]
 
 
 def peft_runner(base_dir: Path, adapters: list[Path], prompts: list[list[int]]):
-    from peft import PeftModel
-
     from adapterd.engine.model import load_base_model
+    from peft import PeftModel
 
     model, _, _ = load_base_model(base_dir)
     model.generation_config.eos_token_id = None

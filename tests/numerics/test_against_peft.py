@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from adapterd.engine.generate import Generator, Request
 from adapterd.engine.lora import inject_lora
 from adapterd.engine.model import load_base_model
@@ -31,7 +30,7 @@ def _peft_reference(base_dir, adapter_dirs, prompt_ids, device=CPU):
     model.generation_config.eos_token_id = None  # compare 16 tokens; the engine runs with no EOS too
     names = [f"a{i}" for i in range(len(adapter_dirs))]
     peft_model = PeftModel.from_pretrained(model, adapter_dirs[0], adapter_name=names[0])
-    for name, path in zip(names[1:], adapter_dirs[1:]):
+    for name, path in zip(names[1:], adapter_dirs[1:], strict=True):
         peft_model.load_adapter(path, adapter_name=name)
     peft_model.eval()
     out = {}
@@ -99,7 +98,7 @@ def check_mixed_batch_against_peft(arch, model_factory, adapter_factory, device,
     # One mixed batch: every adapter, several prompts, interleaved and with the base model.
     rows = [(slot, p) for p in prompts for slot in (1, 2, 3)]
     got = _engine_run(base_dir, adapter_dirs, rows, device)
-    for (slot, p), (logits, tokens) in zip(rows, got):
+    for (slot, p), (logits, tokens) in zip(rows, got, strict=True):
         want_logits, want_tokens = ref[(f"a{slot - 1}", tuple(p))]
         torch.testing.assert_close(logits.float(), want_logits.float(), rtol=tol, atol=tol)
         assert tokens == want_tokens, f"{arch} slot {slot} prompt {bytes(p)!r}"

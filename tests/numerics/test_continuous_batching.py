@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from adapterd.engine.generate import Generator, Request
 from adapterd.engine.lora import inject_lora
 from adapterd.engine.model import load_base_model
-from adapterd.registry.validate import read_adapter
 from adapterd.engine.sampling import SamplingParams
+from adapterd.registry.validate import read_adapter
 
 GREEDY = SamplingParams(max_new_tokens=12)
 

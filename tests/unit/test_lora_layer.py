@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
-
 from adapterd.engine.lora import BatchedLoraLinear, LoraSlots, reference_forward
+from torch import nn
 
 
 def _slots_for(layer: BatchedLoraLinear, gathered: bool) -> LoraSlots:

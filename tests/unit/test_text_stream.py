@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from adapterd.engine.demo import build_tokenizer
 from adapterd.engine.text import TextStream
 

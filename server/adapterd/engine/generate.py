@@ -138,7 +138,7 @@ class Generator:
         tokens, logprobs = choose_tokens(logits, [r.sampler for r in rows])
         return [
             self._advance(row, tok, logprobs[i] if logprobs is not None and row.request.params.logprobs else None)
-            for i, (row, tok) in enumerate(zip(rows, tokens))
+            for i, (row, tok) in enumerate(zip(rows, tokens, strict=True))
         ]
 
     def _advance(self, row: _Row, token: int, logprob: float | None) -> TokenEvent:

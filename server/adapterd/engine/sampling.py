@@ -80,7 +80,7 @@ def choose_tokens(logits: torch.Tensor, rows: list[RowSampler]) -> tuple[list[in
     if raw_logprobs is not None:
         idx = torch.tensor(tokens, device=logits.device)
         chosen_logprobs = raw_logprobs.gather(1, idx[:, None]).squeeze(1).tolist()
-    for r, t in zip(rows, tokens):
+    for r, t in zip(rows, tokens, strict=True):
         r.observe(t)
     return tokens, chosen_logprobs
 
