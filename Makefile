@@ -37,8 +37,12 @@ proto: setup
 		--plugin=protoc-gen-mypy_grpc=$(VENV)/bin/protoc-gen-mypy_grpc \
 		--mypy_out=clients --mypy_grpc_out=clients $(PROTOS)
 
+# Each benchmark prints one JSON object of ratios measured in one run (see the scripts' --help).
 bench: setup
 	$(PY) bench/engine.py
+	$(PY) bench/serve.py
+	$(PY) bench/adapters.py
+	$(PY) bench/train.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
