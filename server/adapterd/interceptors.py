@@ -9,6 +9,7 @@ that is also in the server log, so a user can report it and an operator can find
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import inspect
 import logging
@@ -67,7 +68,10 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                     except Exception as e:  # noqa: BLE001 - mapped to a status just below
                         await _abort(context, method, e)
                     finally:
-                        _request_id.reset(token)
+                        # A cancelled stream is closed from another task's context, where the
+                        # token cannot be reset; the call's own context ends with it anyway.
+                        with contextlib.suppress(ValueError):
+                            _request_id.reset(token)
 
                 return stream
 
