@@ -3,10 +3,15 @@ request's greedy output the same alone, among 31 others, and through slot evicti
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import itertools
 
+import pytest
+from adapterd.engine.loop import GenerateArgs
+
 from tests.grpc.conftest import ADAPTERS
-from tests.grpc_harness import request
+from tests.grpc_harness import TEST_SCHEDULER, request
 
 PROMPTS = ["The quick brown fox", "Hello", "In a hole in the ground", "0123", "Once upon a time there was"]
 
@@ -61,3 +66,44 @@ def test_greedy_output_survives_slot_evictions(serve):
     assert stats["gpu_evictions"] >= len(ADAPTERS) - 2, stats
     assert stats["loads"] == len(ADAPTERS), stats  # the CPU tier keeps them: evicted slots reload from it
     assert stats["running"] == 0 and stats["queued"] == 0
+
+
+
+@pytest.mark.parametrize("full", ["slots", "rows"])
+def test_waiting_request_starts_when_the_last_running_rows_end(serve, full):
+    """Regression (a hang): a request waits because every slot is pinned ("slots": 2 slots,
+    a third adapter) or every row is taken ("rows": max batch 2, a third base-model call).
+    The rows holding them all finish in the same step, so nothing is left running and no
+    call arrives to wake the engine; it must still admit the waiting one, not sleep."""
+    if full == "slots":
+        server = serve(gpu_slots=2)
+        adapters = ("a0", "a1", "a2")
+        for a in adapters:  # a0 ends up in the CPU tier only, a1 and a2 in the two slots
+            server.inference.Generate(request("warm up", adapter=a, max_new_tokens=2))
+    else:
+        server = serve(scheduler=dataclasses.replace(TEST_SCHEDULER, max_batch_size=2))
+        adapters = ("", "", "")
+    engine = server.engine
+
+    async def burst():
+        # One inbox batch (the handlers' lock held across the submits): a1 and a2 (resident;
+        # or the first two base-model calls) start together, the first waits; the two running
+        # ones finish in the same step (same prompt, same length, no EOS).
+        with engine._cv:
+            gens = [
+                engine.submit(tenant="default", adapter=a, prompt="Hello there",
+                              args=GenerateArgs(max_new_tokens=8, ignore_eos=True))
+                for a in adapters
+            ]
+        out = []
+        for g in gens:
+            out.append([ev async for ev in g][-1].completion_tokens)
+        return out
+
+    done = asyncio.run_coroutine_threadsafe(burst(), server.loop)
+    try:
+        assert done.result(timeout=15) == [8, 8, 8]
+    finally:
+        done.cancel()
+    stats = engine.stats()
+    assert stats["running"] == 0 and stats["queued"] == 0, stats

@@ -82,7 +82,7 @@ def test_single_flight_and_tiers():
     slot = cache.activate(a)
     assert cache.slot_of(a.key) == slot and loads.count == {"a": 1}
     layer = cache.slots.layers["q_proj"]
-    assert torch.equal(layer.lora_a[slot, :RANK], _weights(1).tensors["q_proj"][0])
+    assert torch.equal(layer.lora_a[slot, :, :RANK], _weights(1).tensors["q_proj"][0].T)  # slots hold A^T
     cache.ensure_loading(a)  # resident: nothing to load
     assert cache.stats.loads == 1
 

@@ -335,7 +335,11 @@ class EngineLoop:
     def _serve(self) -> None:
         while True:
             with self._cv:
-                if not self._kick and not self._running:
+                # Sleep only when nothing can change without an outside event (a call, a
+                # cancel, a finished load: each sets _kick). Rows that finished in the last
+                # step freed rows and slots that waiting requests may need: when the last of
+                # them ends, no call may ever come to wake us, so admit once more first.
+                if not self._kick and not self._running and not self._sched.admit_pending():
                     self._cv.wait(self._idle_timeout())
                 self._kick = False
                 inbox, self._inbox = self._inbox, []

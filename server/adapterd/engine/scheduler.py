@@ -48,6 +48,9 @@ class Scheduler:
         self.cache = cache
         self.max_wait_s = max_wait_s
         self.waiting: list[Submission] = []  # arrival order
+        # A row left the batch (and unpinned its adapter) since the last admit(): waiting
+        # requests that did not fit then may fit now. The engine must not sleep on that.
+        self._released = False
 
     def __len__(self) -> int:
         return len(self.waiting)
@@ -83,6 +86,7 @@ class Scheduler:
     def admit(self, now: float, free_rows: int) -> tuple[list[Submission], list[tuple[Submission, AdapterdError]]]:
         """Pick up to `free_rows` requests, copying adapters into slots as needed, and pin
         them. Returns (admitted, failed): an adapter can still fail at its slot copy."""
+        self._released = False  # this pass sees every release so far
         if free_rows <= 0 or not self.waiting:
             return [], []
         overdue = [s for s in self.waiting if now - s.arrival >= self.max_wait_s]
@@ -121,10 +125,17 @@ class Scheduler:
         return admitted, failed
 
     def release(self, sub: Submission) -> None:
-        """The request left the batch: its adapter may be evicted once nobody uses it."""
+        """The request left the batch (or the queue): its row is free, and its adapter may be
+        evicted once nobody uses it."""
+        self._released = True
         if sub.pinned:
             self.cache.unpin(sub.key)
             sub.pinned = False
+
+    def admit_pending(self) -> bool:
+        """True when requests wait and a row or slot was released since the last admit():
+        another admission pass may start them, with no new call or load to wake the engine."""
+        return self._released and bool(self.waiting)
 
     def next_timer(self) -> float | None:
         """The earliest deadline of a waiting request (monotonic), if any."""
