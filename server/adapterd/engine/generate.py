@@ -11,7 +11,7 @@ One thread owns a Generator (the engine loop); nothing here is thread-safe.
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -49,7 +49,7 @@ class _Row:
     position: int  # position id of the newest token; the chosen token is fed at position + 1
     last_token: int = -1
     completion: int = 0
-    finished: bool = field(default=False)
+    finished: bool = False
 
 
 class Generator:
