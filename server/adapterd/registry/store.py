@@ -51,7 +51,12 @@ from adapterd.registry.storage import (
     _pid_alive,
     open_storage,
 )
-from adapterd.registry.validate import AdapterWeights, load_adapter_files, translate
+from adapterd.registry.validate import (
+    AdapterWeights,
+    load_adapter_files,
+    require_adapter_files,
+    translate,
+)
 
 __all__ = ["AdapterVersion", "Registry", "RegistryResolver", "Storage", "LocalStorage", "S3Storage", "S3Options", "open_storage"]
 
@@ -246,21 +251,8 @@ class Registry:
             except check.CheckError as e:
                 raise translate(e) from e
         names = set(files)
-        pickled = names & set(check.PICKLED_FILES)
-        if pickled and check.WEIGHTS_FILE not in names:
-            raise errors.PickledWeights(
-                f"{sorted(pickled)[0]} is a pickle and is never loaded (unpickling runs code). Convert it: "
-                f"PeftModel.save_pretrained(dir, safe_serialization=True), or torch.load + "
-                f"safetensors.torch.save_file as {check.WEIGHTS_FILE}"
-            )
-        unexpected = names - set(check.ADAPTER_FILES) - pickled - {"README.md"}
-        if unexpected:
-            raise errors.InvalidArgument(
-                f"unexpected file(s) {sorted(unexpected)}: an adapter is {check.CONFIG_FILE} and {check.WEIGHTS_FILE}"
-            )
-        for required in check.ADAPTER_FILES:
-            if required not in names:
-                raise errors.InvalidAdapter(f"the adapter has no {required}")
+        # A pickle beside the safetensors file, or a model card, is left out, not refused.
+        require_adapter_files(names, ignored=set(check.PICKLED_FILES) | {"README.md"})
         config = files[check.CONFIG_FILE]
         config_bytes = Path(config).read_bytes() if isinstance(config, (str, Path)) else bytes(config)
         weights = files[check.WEIGHTS_FILE]

@@ -158,3 +158,23 @@ def _load_tensors(weights: bytes | memoryview | Path) -> dict[str, torch.Tensor]
 def _digest(config_bytes: bytes, weights: bytes | memoryview | Path) -> str:
     w = check.sha256_file(weights) if isinstance(weights, (str, Path)) else hashlib.sha256(weights).hexdigest()
     return check.adapter_digest({check.CONFIG_FILE: hashlib.sha256(config_bytes).hexdigest(), check.WEIGHTS_FILE: w})
+
+
+def require_adapter_files(names: set[str], *, ignored: set[str] = frozenset()) -> None:
+    """The file-name rules of an adapter, for a directory, a mapping or a push header: both
+    files present, a lone pickle refused with how to convert it, nothing else but `ignored`."""
+    pickled = names & set(check.PICKLED_FILES)
+    if pickled and check.WEIGHTS_FILE not in names:
+        raise errors.PickledWeights(
+            f"{sorted(pickled)[0]} is a pickle and is never loaded (unpickling runs code). Convert it: "
+            f"PeftModel.save_pretrained(dir, safe_serialization=True), or torch.load + "
+            f"safetensors.torch.save_file as {check.WEIGHTS_FILE}"
+        )
+    unexpected = names - set(check.ADAPTER_FILES) - ignored
+    if unexpected:
+        raise errors.InvalidArgument(
+            f"unexpected file(s) {sorted(unexpected)}: an adapter is {check.CONFIG_FILE} and {check.WEIGHTS_FILE}"
+        )
+    for required in check.ADAPTER_FILES:
+        if required not in names:
+            raise errors.InvalidAdapter(f"the adapter has no {required}")

@@ -18,7 +18,13 @@ from adapterd_api.v1 import adapters_pb2 as pb
 from adapterd_api.v1 import adapters_pb2_grpc as pb_grpc
 
 from adapterd import errors
-from adapterd.registry.store import AdapterVersion, Registry, RegistryResolver, cache_key
+from adapterd.registry.store import (
+    AdapterVersion,
+    Registry,
+    RegistryResolver,
+    cache_key,
+)
+from adapterd.registry.validate import require_adapter_files
 from adapterd.tenancy import current_principal
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Adapters"].full_name
@@ -166,21 +172,7 @@ def check_push_header(header: pb.PushHeader, max_bytes: int | None) -> None:
     names = [f.name for f in header.files]
     if len(set(names)) != len(names):
         raise errors.InvalidArgument(f"PushAdapter: a file is listed twice in {names}")
-    pickled = [n for n in names if n in check.PICKLED_FILES]
-    if pickled and check.WEIGHTS_FILE not in names:
-        raise errors.PickledWeights(
-            f"{pickled[0]} is a pickle and is never loaded (unpickling runs code). Convert it: "
-            f"PeftModel.save_pretrained(dir, safe_serialization=True), or torch.load + "
-            f"safetensors.torch.save_file as {check.WEIGHTS_FILE}"
-        )
-    unexpected = sorted(set(names) - set(check.ADAPTER_FILES))
-    if unexpected:
-        raise errors.InvalidArgument(
-            f"PushAdapter: unexpected file(s) {unexpected}: send {check.CONFIG_FILE} and {check.WEIGHTS_FILE}"
-        )
-    for required in check.ADAPTER_FILES:
-        if required not in names:
-            raise errors.InvalidAdapter(f"the adapter has no {required}")
+    require_adapter_files(set(names))  # on the wire: the two files and nothing else
     total = sum(f.size for f in header.files)
     if max_bytes is not None and total > max_bytes:
         raise errors.AdapterTooLarge(
