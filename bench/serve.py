@@ -82,7 +82,7 @@ class Server:
             [sys.executable, "-m", "adapterd", "serve", "--port", "0", "--port-file", str(port_file),
              "--base-model", str(base), "--registry", str(store), "--gpu-slots", str(gpu_slots),
              "--max-rank", str(max_rank), "--max-batch-size", str(max_batch), "--metrics-port", "-1",
-             "--jobs-dir", str(workdir / "jobs"), "--torch-threads", str(torch_threads)],
+             "--jobs-dir", str(workdir / "jobs"), "--torch-threads", str(torch_threads), *os.environ.get("BENCH_EXTRA", "").split()],
             stdout=self.log, stderr=subprocess.STDOUT,
         )
         deadline = time.monotonic() + 300

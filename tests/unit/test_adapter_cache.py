@@ -234,3 +234,26 @@ def test_loads_in_flight_are_bounded_by_the_workers():
     loads.wait(2)
     cache.poll()
     assert all(cache.is_ready(a.key) for a in adapters) and cache.stats.loads == 4
+
+
+def test_a_free_slot_goes_to_the_adapter_with_the_most_waiting_requests():
+    loads = _Loads()
+    cache = _cache(loads, gpu_slots=1)
+    lone, busy = loads.adapter("lone", 1), loads.adapter("busy", 2)
+    _load(cache, loads, lone, busy)
+    sched = Scheduler(cache, max_wait_s=1.0)
+    first_lone = _sub(lone, 0.0)
+    busy_subs = [_sub(busy, 0.1 + i / 10) for i in range(3)]
+    for s in (first_lone, *busy_subs):
+        sched.add(s)
+    # lone arrived first, but one slot copy for busy starts three rows.
+    assert sched.admit(now=0.5, free_rows=8)[0] == busy_subs
+    assert cache.slot_of(busy.key) is not None and sched.waiting == [first_lone]
+    # Once overdue, the lone request goes first: no more busy requests join until it ran.
+    late_busy = _sub(busy, 1.1)
+    sched.add(late_busy)
+    assert sched.admit(now=1.2, free_rows=8)[0] == []
+    for s in busy_subs:
+        sched.release(s)
+    assert sched.admit(now=1.3, free_rows=8)[0] == [first_lone]
+    assert sched.waiting == [late_busy]

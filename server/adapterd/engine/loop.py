@@ -62,14 +62,14 @@ def load_engine_parts(model_config: ModelConfig, cache_config: CacheConfig) -> E
 
 
 def set_torch_threads(requested: int) -> int:
-    """Set torch's CPU threads (process-wide) to `requested`, or for 0 to one fewer than the
-    usable cores (the gRPC and asyncio threads need one to stream tokens out), capped by
-    what OMP_NUM_THREADS already set. Returns the number set."""
+    """Set torch's CPU threads (process-wide) to `requested`, or for 0 to the usable cores,
+    capped by what OMP_NUM_THREADS already set. Returns the number set. The gRPC threads
+    get their share because idle OpenMP workers spin only briefly (see __main__.py)."""
     import torch
 
     if requested <= 0:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        requested = max(1, min(torch.get_num_threads(), cores - 1))
+        requested = max(1, min(torch.get_num_threads(), cores))
     torch.set_num_threads(requested)
     return requested
 

@@ -3,7 +3,10 @@
 Policy, in order of priority:
   1. a request that has waited `max_wait` or longer (oldest first): nothing starves;
   2. requests for the base model or an adapter already in a slot: no copy needed;
-  3. requests whose adapter is in the CPU tier, while a slot is free or evictable.
+  3. requests whose adapter is in the CPU tier, while a slot is free or evictable: the
+     adapter with the most waiting requests first, so one slot copy starts the most rows
+     (with requests spread over many adapters and few slots, first come first served
+     gives batches of one or two rows).
 A request whose adapter is still loading waits without holding anything up. When an
 overdue request needs a slot and every slot is pinned by running rows, admission of other
 adapters stops until a slot frees (rows finish within max_new_tokens steps), so its wait
@@ -91,7 +94,7 @@ class Scheduler:
             return [], []
         overdue = [s for s in self.waiting if now - s.arrival >= self.max_wait_s]
         resident = [s for s in self.waiting if s.key is None or self.cache.slot_of(s.key) is not None]
-        order = _unique(overdue + resident + self.waiting)
+        order = _unique(overdue + resident + _largest_groups_first(self.waiting))
         admitted: list[Submission] = []
         failed: list[tuple[Submission, AdapterdError]] = []
         draining = False  # an overdue request waits for a pinned slot to free
@@ -141,6 +144,19 @@ class Scheduler:
         """The earliest deadline of a waiting request (monotonic), if any."""
         deadlines = [s.deadline for s in self.waiting if s.deadline is not None]
         return min(deadlines) if deadlines else None
+
+
+def _largest_groups_first(subs: list[Submission]) -> list[Submission]:
+    """`subs` (in arrival order) reordered so the adapter with the most waiting requests
+    comes first, then the next: a slot copy then starts as many rows as it can. Ties go to
+    the adapter whose oldest request came first (sorted() is stable)."""
+    count: dict[str | None, int] = {}
+    for s in subs:
+        count[s.key] = count.get(s.key, 0) + 1
+    first = {}
+    for i, s in enumerate(subs):
+        first.setdefault(s.key, i)
+    return sorted(subs, key=lambda s: (-count[s.key], first[s.key]))
 
 
 def _unique(subs: list[Submission]) -> list[Submission]:
