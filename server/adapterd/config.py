@@ -117,6 +117,7 @@ class CacheConfig:
     cpu_bytes: int = 2 * 2**30
     max_rank: int = 64
     load_workers: int = 2
+    load_timeout_s: float = 120.0  # a load still running after this fails its requests
     failed_load_ttl_s: float = 30.0  # a failed load is not retried before this
 
     def __post_init__(self):
@@ -125,6 +126,7 @@ class CacheConfig:
         _check(self.cpu_bytes >= 0, f"--cpu-cache-bytes must be >= 0; got {self.cpu_bytes}")
         _check(self.max_rank >= 1, f"--max-rank must be >= 1; got {self.max_rank}")
         _check(self.load_workers >= 1, f"--load-workers must be >= 1; got {self.load_workers}")
+        _check(self.load_timeout_s > 0, f"--adapter-load-timeout must be > 0; got {self.load_timeout_s}")
         _check(self.failed_load_ttl_s >= 0, "failed_load_ttl_s must be >= 0")
 
     @classmethod
@@ -135,6 +137,7 @@ class CacheConfig:
             cpu_bytes=args.cpu_cache_bytes,
             max_rank=args.max_rank,
             load_workers=args.load_workers,
+            load_timeout_s=args.adapter_load_timeout,
         )
 
 
@@ -407,6 +410,12 @@ def add_cache_flags(p: argparse._ArgumentGroup) -> None:
     p.add_argument(
         "--load-workers", type=int, default=d.load_workers,
         help="threads that read and check adapters off the decode path (default: %(default)s)",
+    )
+    p.add_argument(
+        "--adapter-load-timeout", type=float, default=d.load_timeout_s, metavar="SECONDS",
+        help="an adapter whose files have not been read and checked after this long (a hung "
+        "store) fails the requests waiting for it with UNAVAILABLE; it is not retried for "
+        "30 s (default: %(default)s)",
     )
 
 

@@ -12,7 +12,7 @@ import torch
 from adapterd.config import CacheConfig
 from adapterd.engine.lora import inject_lora
 from adapterd.engine.scheduler import Scheduler, Submission
-from adapterd.errors import FailedPrecondition
+from adapterd.errors import FailedPrecondition, Unavailable
 from adapterd.registry.cache import AdapterCache, ResolvedAdapter
 from adapterd.registry.validate import AdapterWeights
 from torch import nn
@@ -257,3 +257,36 @@ def test_a_free_slot_goes_to_the_adapter_with_the_most_waiting_requests():
         sched.release(s)
     assert sched.admit(now=1.3, free_rows=8)[0] == [first_lone]
     assert sched.waiting == [late_busy]
+
+
+def test_a_hung_load_fails_its_requests_at_the_timeout_and_frees_the_way():
+    loads = _Loads()
+    cache = _cache(loads, load_timeout_s=0.2, load_workers=1)
+    release = threading.Event()
+
+    def hang(spec, max_rank):
+        release.wait(10)  # a store that does not answer
+        return _weights(7)
+
+    stuck = ResolvedAdapter(key="key-stuck", name="stuck", load=hang)
+    sched = Scheduler(cache, max_wait_s=1.0)
+    waiting = _sub(stuck, 0.0)
+    sched.add(waiting)
+    started = time.monotonic()
+    assert sched.prepare() == []
+    # The engine sleeps until the next timer when nothing else happens: the load's timeout.
+    assert started < sched.next_timer() <= started + 0.2 + 0.05
+    time.sleep(0.25)
+    (failed, err), = sched.prepare()
+    assert failed is waiting and isinstance(err, Unavailable) and "did not load within 0.2 s" in str(err)
+    assert sched.waiting == [] and sched.next_timer() is None and cache.stats.load_failures == 1
+    # Not retried in a loop: a new request for it fails at once while the failure lasts.
+    again = _sub(stuck, 1.0)
+    sched.add(again)
+    assert [s for s, _ in sched.prepare()] == [again]
+    # The stuck worker returns at last: its result is dropped, and other adapters load.
+    release.set()
+    loads.wait()
+    good = loads.adapter("good", 1)
+    _load(cache, loads, good)
+    assert cache.is_ready(good.key) and not cache.is_ready(stuck.key)

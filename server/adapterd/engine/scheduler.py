@@ -141,8 +141,11 @@ class Scheduler:
         return self._released and bool(self.waiting)
 
     def next_timer(self) -> float | None:
-        """The earliest deadline of a waiting request (monotonic), if any."""
+        """The earliest deadline of a waiting request or of a load in flight (monotonic), if any."""
         deadlines = [s.deadline for s in self.waiting if s.deadline is not None]
+        load = self.cache.next_load_deadline()
+        if load is not None:
+            deadlines.append(load)
         return min(deadlines) if deadlines else None
 
 

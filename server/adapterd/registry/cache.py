@@ -185,8 +185,12 @@ class AdapterCache:
         """Move finished loads into the CPU tier. Returns the keys whose load failed (see
         `failure`). CPU entries in `wanted` (requests wait for them) are evicted last."""
         failed = []
+        now = time.monotonic()
         for key, (adapter, future) in list(self._loading.items()):
             if not future.done():
+                if now - self._load_started[key] >= self.config.load_timeout_s:
+                    self._abandon(key, adapter, future)
+                    failed.append(key)
                 continue
             del self._loading[key]
             started = self._load_started.pop(key, time.monotonic())
@@ -200,6 +204,25 @@ class AdapterCache:
             self._observe("adapter_loaded", "cpu", time.monotonic() - started)
         self._observe_resident()
         return failed
+
+    def next_load_deadline(self) -> float | None:
+        """When the oldest load in flight times out (monotonic), if any: the engine must
+        wake then even if nothing else happens."""
+        if not self._loading:
+            return None
+        return min(self._load_started[k] for k in self._loading) + self.config.load_timeout_s
+
+    def _abandon(self, key: str, adapter: ResolvedAdapter, future: Future) -> None:
+        """A load ran past the timeout: fail it. A thread cannot be stopped; its worker stays
+        busy until the read returns, and the result is then dropped."""
+        del self._loading[key]
+        self._load_started.pop(key, None)
+        if not future.cancel():  # cancel() only stops a load that has not started
+            log.warning("adapter %r: a load worker is stuck reading it; its result will be dropped", adapter.name)
+        self._fail(key, adapter.name, errors.Unavailable(
+            f"it did not load within {self.config.load_timeout_s:g} s (--adapter-load-timeout); "
+            "the adapter store may be unreachable; retry later"
+        ))
 
     # --- slots, on the engine thread between steps --------------------------------------
 
