@@ -1,6 +1,6 @@
 """The Training service over a real channel, with real worker processes on the tiny Llama:
 a job end to end (the loss falls, the published adapter answers its training prompts, its
-ROUGE-L beats the base model's), every bad dataset refused with the line named and
+ROUGE-L beats the base model's), the same for chat data on the chat template, every bad dataset refused with the line named and
 nothing queued, and a killed worker failing its job while inference carries on."""
 
 from __future__ import annotations
@@ -159,6 +159,36 @@ def test_a_job_end_to_end(server, tmp_path, capsys):
     assert cli.main(["--addr", server.addr, "jobs", "watch", job.id]) == 0  # replays a finished job
     watched = capsys.readouterr().out
     assert "step" in watched and "validation (12 examples)" in watched and "adapter pandas-tiny@1" in watched
+
+
+def test_a_chat_job_end_to_end(server, tmp_path, tiny_base):
+    """{"messages"} data: trained on the base tokenizer's chat template, served at once, and
+    answering a user who sends the templated conversation."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_base)
+    rows = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]} for q, a in PAIRS]
+    data = write_jsonl(tmp_path / "chat.jsonl", rows)
+    client = TrainingClient(Client(server.addr))
+    job = client.create(data, name="pandas-chat", validation=data, epochs=40, learning_rate=3e-3, batch_size=2,
+                        eval_max_new_tokens=40)
+    events = watch(server, job.id)
+    assert [tpb.JobState.Name(e.state) for e in events if e.type == tpb.STATE][-1] == "SUCCEEDED"
+    job = client.get(job.id)
+    assert job.adapter == "pandas-chat@1"
+
+    def chat(adapter: str, question: str) -> str:
+        text = tok.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
+                                       add_generation_prompt=True)
+        return generate(server, adapter, text)
+
+    # The reply, then the template's end of turn (<|end|> is special, so not in the text) and EOS.
+    answers = [chat("pandas-chat", q) for q, _ in PAIRS]
+    exact = sum(a == c + "\n" for a, (_, c) in zip(answers, PAIRS, strict=True))
+    assert exact >= 0.9 * len(PAIRS), list(zip(answers, PAIRS, strict=True))
+    assert chat("", PAIRS[0][0]) != PAIRS[0][1] + "\n"
+    (val,) = job.evaluation
+    assert val.adapter.rouge_l.f1 > 0.9 > val.base.rouge_l.f1
 
 
 def _bad(tmp_path, rows):
