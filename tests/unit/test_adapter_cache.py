@@ -172,12 +172,18 @@ def _sub(adapter: ResolvedAdapter | None, arrival: float) -> Submission:
                       arrival=arrival, deadline=None, sink=None)
 
 
-def test_resident_adapters_first_but_an_overdue_request_gets_its_slot():
+def _one_slot_two_adapters(first: str, second: str):
+    """A cache with one slot, two adapters already in its CPU tier, and a scheduler on it
+    whose requests go first after waiting 1 s."""
     loads = _Loads()
     cache = _cache(loads, gpu_slots=1)
-    hot, cold = loads.adapter("hot", 1), loads.adapter("cold", 2)
-    _load(cache, loads, hot, cold)
-    sched = Scheduler(cache, max_wait_s=1.0)
+    a, b = loads.adapter(first, 1), loads.adapter(second, 2)
+    _load(cache, loads, a, b)
+    return cache, Scheduler(cache, max_wait_s=1.0), a, b
+
+
+def test_resident_adapters_first_but_an_overdue_request_gets_its_slot():
+    cache, sched, hot, cold = _one_slot_two_adapters("hot", "cold")
     first = _sub(hot, 0.0)
     sched.add(first)
     assert sched.admit(now=0.0, free_rows=4)[0] == [first]  # hot takes the only slot
@@ -237,11 +243,7 @@ def test_loads_in_flight_are_bounded_by_the_workers():
 
 
 def test_a_free_slot_goes_to_the_adapter_with_the_most_waiting_requests():
-    loads = _Loads()
-    cache = _cache(loads, gpu_slots=1)
-    lone, busy = loads.adapter("lone", 1), loads.adapter("busy", 2)
-    _load(cache, loads, lone, busy)
-    sched = Scheduler(cache, max_wait_s=1.0)
+    cache, sched, lone, busy = _one_slot_two_adapters("lone", "busy")
     first_lone = _sub(lone, 0.0)
     busy_subs = [_sub(busy, 0.1 + i / 10) for i in range(3)]
     for s in (first_lone, *busy_subs):
