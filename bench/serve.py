@@ -22,6 +22,8 @@ loaded, kernels initialised); the PEFT loop gets the same warm-up.
     speedup_2_slots_pinned  the 2-slot run again with request i going to adapter i % 16, so
                        each of the 16 clients keeps to one adapter and no two requests in
                        flight share an adapter: a batch holds at most 2 rows (the worst case).
+                       Against the same PEFT loop: the same prompts and lengths, paired with
+                       other adapters, so early EOS can make token counts differ slightly.
 
 In random order, a client's next request names any adapter, as with many users behind a few
 client processes; requests in flight then share adapters now and then, and with 2 slots the
