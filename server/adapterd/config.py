@@ -415,7 +415,7 @@ def add_cache_flags(p: argparse._ArgumentGroup) -> None:
         "--adapter-load-timeout", type=float, default=d.load_timeout_s, metavar="SECONDS",
         help="an adapter whose files have not been read and checked after this long (a hung "
         "store) fails the requests waiting for it with UNAVAILABLE; it is not retried for "
-        "30 s (default: %(default)s)",
+        f"{d.failed_load_ttl_s:g} s (default: %(default)s)",
     )
 
 
