@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from adapterd.engine.nf4cpu import PackedKernel
 from adapterd.errors import UnknownTargetModule
 
 # Module names the batched layer wraps: Llama/Mistral/Qwen, Phi, Falcon, GPT-NeoX style.
@@ -67,6 +68,7 @@ class BatchedLoraLinear(nn.Module):
         self._plan: BatchPlan | None = None
         self._a_rows: torch.Tensor | None = None  # (B, in, r_batch)
         self._b_rows: torch.Tensor | None = None  # (B, r_batch, out), scale folded in
+        self._kernel: PackedKernel | None = None  # the base's CPU kernel, called directly
 
     def set_slot(self, slot: int, a: torch.Tensor | None, b: torch.Tensor | None, scaling: float) -> None:
         """Copy A (r, in) and B (out, r) into `slot`; None zeroes the slot for this layer."""
@@ -91,12 +93,20 @@ class BatchedLoraLinear(nn.Module):
         self._b_rows = self.lora_b[:, :r].index_select(0, plan.index)  # (B, r, out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, T, in)
-        y = self.base(x)  # (B, T, out)
+        y = self._base_forward(x)  # (B, T, out)
         if self._a_rows is not None:
             xa = torch.bmm(x, self._a_rows)  # (B, T, r)
             return y.baddbmm_(xa, self._b_rows)  # (B, T, out)
         if self._plan is not None and not self._plan.gathered:
             self._segments(x, y)
+        return y
+
+    def _base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        kernel = self._kernel
+        if kernel is not None and kernel.matches(self.base) and not torch.is_grad_enabled():
+            return kernel(x)
+        y = self.base(x)  # the first inference call is where bitsandbytes packs a CPU weight
+        self._kernel = PackedKernel.of(self.base)
         return y
 
     def _segments(self, x: torch.Tensor, y: torch.Tensor) -> None:
