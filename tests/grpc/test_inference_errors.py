@@ -217,3 +217,25 @@ def test_if_the_engine_loop_dies_calls_get_unavailable_not_a_hang(serve, monkeyp
     assert code == grpc.StatusCode.UNAVAILABLE
     code, _ = _code(server.inference.Generate, request("hello again"), timeout=10)
     assert code == grpc.StatusCode.UNAVAILABLE
+
+
+def test_warm_up_batch_stays_within_the_token_limits(serve, monkeypatch):
+    """Before SERVING the engine runs a full batch; it must obey --max-batch-size,
+    --max-input-tokens and --max-total-tokens like any request (a model with learned
+    positions has no room past them)."""
+    import adapterd.engine.loop as loop_module
+
+    seen: list[tuple[int, int]] = []
+
+    class Recording(loop_module.Generator):
+        def add(self, requests):
+            seen.extend((len(r.prompt_ids), r.params.max_new_tokens) for r in requests)
+            return super().add(requests)
+
+    monkeypatch.setattr(loop_module, "Generator", Recording)
+    server = serve(scheduler=SchedulerConfig(max_batch_size=3, max_input_tokens=6, max_total_tokens=8))
+    warm = list(seen)
+    assert len(warm) == 3, "one full batch"
+    assert all(prompt == 6 and prompt + new <= 8 for prompt, new in warm), warm
+    reply = server.inference.Generate(request("hey", max_new_tokens=2))
+    assert reply.completion_tokens == 2

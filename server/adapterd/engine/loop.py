@@ -339,7 +339,8 @@ class EngineLoop:
         length = min(WARM_UP_TOKENS, self.config.max_input_tokens)
         ids = (ids * (length // len(ids) + 1))[:length]
         rows = min(self.config.max_batch_size, WARM_UP_ROWS)
-        self._gen.add([Request(f"warm-up-{i}", ids, SamplingParams(max_new_tokens=4)) for i in range(rows)])
+        params = SamplingParams(max_new_tokens=min(4, self.config.max_total_tokens - length))  # within the limits
+        self._gen.add([Request(f"warm-up-{i}", ids, params) for i in range(rows)])
         while self._gen.num_running:
             self._gen.step()
 
