@@ -208,6 +208,33 @@ def test_resident_adapters_first_but_an_overdue_request_gets_its_slot():
     assert sched.waiting == [late_hot]
 
 
+def test_an_overdue_request_reserves_the_emptiest_slot_and_the_others_keep_admitting():
+    """Two slots pinned by running rows (busy: 3, quiet: 1) and an overdue request for a
+    third adapter: only the quiet slot stops taking rows; busy ones still join the batch."""
+    loads = _Loads()
+    cache = _cache(loads, gpu_slots=2)
+    busy, quiet, cold = loads.adapter("busy", 1), loads.adapter("quiet", 2), loads.adapter("cold", 3)
+    _load(cache, loads, busy, quiet, cold)
+    sched = Scheduler(cache, max_wait_s=1.0)
+    running = [_sub(busy, 0.0), _sub(busy, 0.01), _sub(busy, 0.02), _sub(quiet, 0.03)]
+    for s in running:
+        sched.add(s)
+    assert sched.admit(now=0.1, free_rows=8)[0] == running
+    late = _sub(cold, 0.2)
+    sched.add(late)
+    assert sched.admit(now=0.5, free_rows=8)[0] == []  # not overdue, and no slot is free
+
+    more_busy, more_quiet = _sub(busy, 1.3), _sub(quiet, 1.4)
+    sched.add(more_busy)
+    sched.add(more_quiet)
+    assert sched.admit(now=1.5, free_rows=8)[0] == [more_busy]  # quiet's slot is reserved
+    sched.release(running[3])  # quiet's last row ends
+    assert sched.admit(now=1.6, free_rows=8)[0] == [late]
+    assert cache.slot_of(cold.key) is not None and cache.slot_of(quiet.key) is None
+    assert cache.slot_of(busy.key) is not None
+    assert sched.waiting == [more_quiet]
+
+
 def test_prepare_starts_one_load_per_adapter_and_fails_waiters_of_a_failed_one():
     loads = _Loads()
     cache = _cache(loads, failed_load_ttl_s=60)

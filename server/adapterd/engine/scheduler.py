@@ -8,9 +8,11 @@ Policy, in order of priority:
      (with requests spread over many adapters and few slots, first come first served
      gives batches of one or two rows).
 A request whose adapter is still loading waits without holding anything up. When an
-overdue request needs a slot and every slot is pinned by running rows, admission of other
-adapters stops until a slot frees (rows finish within max_new_tokens steps), so its wait
-stays bounded.
+overdue request needs a slot and every slot is pinned by running rows, the slot with the
+fewest running rows is reserved for it: its adapter takes no new rows until they finish
+(within max_new_tokens steps), so the wait stays bounded, while the other slots keep
+admitting. (Stopping every slot instead left batches of one or two rows; under load that
+made every request overdue, a slow state the server did not leave while the load lasted.)
 
 Runs on the engine thread only.
 """
@@ -97,7 +99,7 @@ class Scheduler:
         order = _unique(overdue + resident + _largest_groups_first(self.waiting))
         admitted: list[Submission] = []
         failed: list[tuple[Submission, AdapterdError]] = []
-        draining = False  # an overdue request waits for a pinned slot to free
+        reserved: str | None = None  # the adapter whose slot is freeing for an overdue request
         for s in order:
             if len(admitted) == free_rows:
                 break
@@ -106,17 +108,18 @@ class Scheduler:
                 continue
             slot = self.cache.slot_of(s.key)
             if slot is None:
-                if draining or not self.cache.is_ready(s.key):
+                if not self.cache.is_ready(s.key):
                     continue
                 if not self.cache.can_activate():
-                    draining = draining or now - s.arrival >= self.max_wait_s
+                    if reserved is None and now - s.arrival >= self.max_wait_s:
+                        reserved = self._slot_to_free()
                     continue
                 try:
                     slot = self.cache.activate(s.adapter)
                 except AdapterdError as e:
                     failed.append((s, e))
                     continue
-            elif draining:
+            elif s.key == reserved:
                 continue  # pinning it again would keep the overdue request's slot from freeing
             s.slot = slot
             self.cache.pin(s.key)
@@ -126,6 +129,13 @@ class Scheduler:
         if done:
             self.waiting = [s for s in self.waiting if id(s) not in done]
         return admitted, failed
+
+    def _slot_to_free(self) -> str:
+        """The resident adapter with the fewest running rows (the first of equals). While it
+        takes no new rows its count only falls and the others' only grow, so every pass
+        picks the same one until it frees."""
+        keys = self.cache.resident_keys
+        return min(keys, key=self.cache.pinned)
 
     def release(self, sub: Submission) -> None:
         """The request left the batch (or the queue): its row is free, and its adapter may be
