@@ -131,9 +131,10 @@ class Scheduler:
         return admitted, failed
 
     def _slot_to_free(self) -> str:
-        """The resident adapter with the fewest running rows (the first of equals). While it
-        takes no new rows its count only falls and the others' only grow, so every pass
-        picks the same one until it frees."""
+        """The resident adapter with the fewest running rows (the first of equals). It takes
+        no new rows, so the fewest count over the slots never rises and falls as those rows
+        end; the choice moves only to a slot that emptied further, so some slot frees
+        within a bounded number of steps."""
         keys = self.cache.resident_keys
         return min(keys, key=self.cache.pinned)
 
