@@ -45,7 +45,7 @@ class PackedKernel:
         self.blocksize = int(state.blocksize)
         self.bias = module.bias
         self.dtype = module.compute_dtype or torch.float32
-        self._fn = _kernel("fp4" if float(state.code[1]) > 0 else "nf4")  # as bitsandbytes tells them apart
+        self._fn = _kernel(state.quant_type)
         self._weight_ptr = self.weight.data_ptr()
         self._absmax_ptr = self.absmax.data_ptr()
 
@@ -59,6 +59,7 @@ class PackedKernel:
             or not getattr(state, "packing_format_for_cpu", False)
             or state.absmax.dtype != torch.bfloat16
             or module.compute_dtype not in (None, torch.float32, torch.bfloat16)
+            or state.quant_type not in ("nf4", "fp4")
         ):
             return None
         return cls(module)
