@@ -69,6 +69,7 @@ class BatchedLoraLinear(nn.Module):
         self._a_rows: torch.Tensor | None = None  # (B, in, r_batch)
         self._b_rows: torch.Tensor | None = None  # (B, r_batch, out), scale folded in
         self._kernel: PackedKernel | None = None  # the base's CPU kernel, called directly
+        self._no_kernel = False  # an inference call left the base without one (GPU, plain Linear)
 
     def set_slot(self, slot: int, a: torch.Tensor | None, b: torch.Tensor | None, scaling: float) -> None:
         """Copy A (r, in) and B (out, r) into `slot`; None zeroes the slot for this layer."""
@@ -103,10 +104,13 @@ class BatchedLoraLinear(nn.Module):
 
     def _base_forward(self, x: torch.Tensor) -> torch.Tensor:
         kernel = self._kernel
-        if kernel is not None and kernel.matches(self.base) and not torch.is_grad_enabled():
+        inference = not torch.is_grad_enabled()
+        if kernel is not None and inference and kernel.matches(self.base):
             return kernel(x)
         y = self.base(x)  # the first inference call is where bitsandbytes packs a CPU weight
-        self._kernel = PackedKernel.of(self.base)
+        if inference and (kernel is not None or not self._no_kernel):  # (re)build, or look once
+            self._kernel = PackedKernel.of(self.base)
+            self._no_kernel = self._kernel is None
         return y
 
     def _segments(self, x: torch.Tensor, y: torch.Tensor) -> None:
