@@ -31,6 +31,7 @@ from adapterd.config import Config
 from adapterd.engine.loop import EngineLoop, load_engine_parts, set_torch_threads
 from adapterd.errors import AdapterdError
 from adapterd.interceptors import ErrorInterceptor
+from adapterd.malloc import tune_malloc
 from adapterd.metrics import Metrics
 from adapterd.registry.store import RegistryResolver, open_registry
 from adapterd.services import adapters, inference, training
@@ -144,6 +145,8 @@ async def serve(config: Config) -> int:
     except AdapterdError as e:
         log.error("the adapter registry cannot be used: %s", e)
         return 1
+    if config.model.malloc_tuning and tune_malloc():
+        log.info("malloc keeps freed memory for reuse (--no-malloc-tuning: glibc's defaults)")
     threads = set_torch_threads(config.model.torch_threads)
     log.info("torch uses %d CPU thread(s)", threads)
     engine = EngineLoop(

@@ -54,6 +54,7 @@ class ModelConfig:
     compute_dtype: str = "auto"
     quantize: bool = True
     torch_threads: int = 0  # 0: every core the process may use (at most $OMP_NUM_THREADS)
+    malloc_tuning: bool = True  # adapterd.malloc: keep freed memory for the next step
 
     def __post_init__(self):
         _check(self.torch_threads >= 0, f"--torch-threads must be >= 0 (0 = auto); got {self.torch_threads}")
@@ -68,7 +69,8 @@ class ModelConfig:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> ModelConfig:
-        return cls(args.base_model, args.device, args.compute_dtype, not args.no_quantize, args.torch_threads)
+        return cls(args.base_model, args.device, args.compute_dtype, not args.no_quantize, args.torch_threads,
+                   not args.no_malloc_tuning)
 
 
 @dataclass(frozen=True)
@@ -352,6 +354,12 @@ def add_model_flags(p: argparse._ArgumentGroup) -> None:
         "--torch-threads", type=int, default=d.torch_threads, metavar="N",
         help="CPU threads for tensor work; 0 = every core this process may use, at most "
         "$OMP_NUM_THREADS when set (default: %(default)s)",
+    )
+    p.add_argument(
+        "--no-malloc-tuning", action="store_true",
+        help="keep glibc's malloc defaults; by default the server keeps freed memory (up to 512 MiB) "
+        "for reuse instead of returning it to the kernel every step, which turned into page faults "
+        "on the CPU. Ignored when MALLOC_* or GLIBC_TUNABLES is set",
     )
 
 
