@@ -121,3 +121,38 @@ def test_repetition_penalty_changes_greedy_output(engine):
     penal = _alone(engine, Request("p", list(b"aaaa"), SamplingParams(max_new_tokens=12, repetition_penalty=5.0), 0))
     assert len(set(penal)) >= len(set(plain))
     assert torch.tensor(penal).unique().numel() == len(set(penal))
+
+
+@pytest.mark.parametrize("gathered", [True, False], ids=["gathered", "segments"])
+def test_row_layout_across_joins_and_finishes(engine, gathered):
+    """Gathered: rows keep their places (a finished row's place goes to the last row, a join
+    goes to the end), so the LoRA stacks change by a few rows. Segments: rows stay sorted by
+    slot. Either way each request gets its tokens alone."""
+    model, tokenizer, slots = engine
+    reqs = {step: [Request(f"s{step}r{i}", list(f"row {i} joins at {step}".encode()),
+                           SamplingParams(max_new_tokens=3 + (5 * i + step) % 9), (i + step) % 3)
+                   for i in range(3)] for step in (0, 2, 5, 6)}
+    want = {r.id: _alone(engine, r) for group in reqs.values() for r in group}
+    budget = slots.gather_budget_bytes
+    slots.gather_budget_bytes = budget if gathered else 0
+    try:
+        gen, out, step = Generator(*engine), {}, 0
+        while gen.num_running or step <= max(reqs):
+            before = list(gen.running_ids)
+            events = gen.step() if gen.num_running else []
+            finished = {e.request_id for e in events if e.finished}
+            after = list(gen.running_ids)
+            if gathered:
+                moved = [i for i, rid in enumerate(after) if before[i] != rid]
+                assert len(moved) <= len(finished), (before, after)
+            else:
+                assert [r.request.slot for r in gen.rows] == sorted(r.request.slot for r in gen.rows)
+            events += gen.add(reqs.get(step, []))
+            if not gathered:
+                assert [r.request.slot for r in gen.rows] == sorted(r.request.slot for r in gen.rows)
+            for e in events:
+                out.setdefault(e.request_id, []).append(e.token_id)
+            step += 1
+    finally:
+        slots.gather_budget_bytes = budget
+    assert out == want

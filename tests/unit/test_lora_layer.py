@@ -65,3 +65,80 @@ def test_slot_zero_is_reserved_and_batch_plan_is_reused():
     plan = slots._plan
     slots.set_batch([0, 1])
     assert slots._plan is plan, "an unchanged batch must not be gathered again"
+
+
+def _weights(name: str, rank: int, seed: int, scaling: float):
+    from adapterd.registry.validate import AdapterWeights
+
+    g = torch.Generator().manual_seed(seed)
+    a, b = torch.randn(rank, 24, generator=g), torch.randn(40, rank, generator=g)
+    return AdapterWeights(name=name, sha256=name, rank=rank, alpha=rank * scaling, scaling=scaling,
+                          target_modules=["layer"], tensors={"layer": (a, b)}, nbytes=0, config={})
+
+
+def test_running_batch_stacks_follow_every_change_and_copy_only_changed_rows():
+    """The running batch's per-row stacks are updated in place: a joined row, a finished row
+    replaced by the last one, a prefill group planned in between, a reload and a rank change
+    each give the reference output, and a one-row join copies one row into the same buffer."""
+    torch.manual_seed(3)
+    base = nn.Linear(24, 40)
+    layer = BatchedLoraLinear(base, num_slots=4, max_rank=8)
+    slots = _slots_for(layer, gathered=True)
+    loaded = {}
+
+    def load(slot, rank, seed):
+        w = _weights(f"a{seed}", rank, seed, 0.5 + seed / 10)
+        slots.load(slot, w)
+        loaded[slot] = (*w.tensors["layer"], w.scaling)
+
+    def check(row_slots, transient=False):
+        slots.set_batch(row_slots, transient=transient)
+        x = torch.randn(len(row_slots), 1, 24)
+        with torch.no_grad():
+            got = layer(x)
+            want = reference_forward(base, x, [loaded.get(s) for s in row_slots])
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        return slots._plan
+
+    load(1, 4, 1)
+    load(2, 4, 2)
+    load(3, 4, 3)
+    plan = check([1, 2, 0])
+    assert plan.changed is None, "the first batch after a load gathers every row"
+    buf = layer._a_buf.data_ptr()
+    plan = check([1, 2, 0, 3])  # a row joins at the end
+    assert plan.changed[0].tolist() == [3]
+    assert layer._a_buf.data_ptr() == buf, "a join within capacity must not re-allocate"
+    check([2, 3, 1], transient=True)  # a prefill group between two steps
+    plan = check([1, 2, 0, 3])  # the running batch again, unchanged: nothing copied
+    assert plan.changed[0].numel() == 0 and layer._a_buf.data_ptr() == buf
+    plan = check([1, 3, 0])  # row 1 finished; the last row took its place
+    assert plan.changed[0].tolist() == [1]
+    plan = check([1, 3, 0] + [2] * 9)  # past capacity: a larger buffer, every row gathered
+    assert layer._a_buf.shape[0] >= 12
+    load(2, 8, 4)  # a reload, with a larger rank: the stacks are re-made
+    plan = check([1, 3, 0] + [2] * 9)
+    assert plan.changed is None
+    check([2, 2, 1])
+    slots.unload(3)
+    loaded.pop(3)
+    check([3, 2, 1])
+
+
+def test_stacks_made_under_no_grad_are_rebuilt_for_inference_mode_and_back():
+    torch.manual_seed(4)
+    base = nn.Linear(24, 40)
+    layer = BatchedLoraLinear(base, num_slots=3, max_rank=8)
+    slots = _slots_for(layer, gathered=True)
+    w = _weights("x", 8, 5, 2.0)
+    slots.load(1, w)
+    a, b = w.tensors["layer"]
+    x = torch.randn(2, 1, 24)
+    with torch.inference_mode():
+        slots.set_batch([1, 0])
+        want = reference_forward(base, x, [(a, b, 2.0), None])
+        torch.testing.assert_close(layer(x), want, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # an inference tensor cannot be updated in place outside inference mode
+        slots.set_batch([1, 0, 1])
+        want = reference_forward(base, torch.cat([x, x[:1]]), [(a, b, 2.0), None, (a, b, 2.0)])
+        torch.testing.assert_close(layer(torch.cat([x, x[:1]])), want, rtol=1e-5, atol=1e-5)

@@ -1,7 +1,7 @@
 """Generation over a mixed-adapter batch, with the operations continuous batching needs.
 
     add(group)  prefill the group in one forward (left-padded), choose first tokens, merge
-                its KV cache into the running batch, keep rows sorted by adapter slot
+                its KV cache into the running batch
     step()      one decode step for every running row; finished rows are dropped
     abort(ids)  drop rows now (cancelled calls, expired deadlines)
 
@@ -82,7 +82,7 @@ class Generator:
         group = sorted(requests, key=lambda r: r.slot)
         ids, mask = self._left_pad([r.prompt_ids for r in group])  # (G, L), (G, L)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (G, L)
-        self.slots.set_batch([r.slot for r in group])
+        self.slots.set_batch([r.slot for r in group], transient=True)
         out = self.model(
             input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **self._keep_kw
         )
@@ -163,12 +163,21 @@ class Generator:
         )
 
     def _compact(self, resort: bool) -> None:
-        """Drop finished rows; after a merge, re-sort the rows by adapter slot."""
-        order = list(range(len(self.rows)))
-        if resort:
-            order.sort(key=lambda i: self.rows[i].request.slot)  # stable: keeps arrival order per slot
-        keep = [i for i in order if not self.rows[i].finished]
-        if keep == list(range(len(self.rows))):
+        """Drop finished rows. Where LoRA stacks are gathered per row, rows keep their places:
+        the last rows move into finished rows' places and new rows stay at the end, so the
+        layers copy only those rows (see lora.py). On the segment path, rows are kept sorted
+        by adapter slot, re-sorted after a merge (`resort`)."""
+        n = len(self.rows)
+        live = [i for i in range(n) if not self.rows[i].finished]
+        if self.slots.gathers(len(live)):
+            tail = iter([i for i in live if i >= len(live)])  # as many as finished rows before them
+            keep = [next(tail) if self.rows[i].finished else i for i in range(len(live))]
+        else:
+            order = list(range(n))
+            if resort:
+                order.sort(key=lambda i: self.rows[i].request.slot)  # stable: keeps arrival order per slot
+            keep = [i for i in order if not self.rows[i].finished]
+        if keep == list(range(n)):
             return
         if not keep:
             self.rows, self.kv = [], None
