@@ -11,6 +11,10 @@ multiplies contiguous operands (a transposed operand made bmm 1.7x slower here).
 "no adapter" and stays zero. Activating an adapter is a copy into a slot; the forward
 allocates nothing per adapter.
 
+On the CPU the base call goes straight to bitsandbytes' packed kernel (nf4cpu.py), and
+siblings that read the same input (q/k/v, gate/up) share one call (`SiblingGroup`): a
+decode step of 16 rows on the demo model went from 5.8 to 5.3 ms.
+
 Two ways to apply the delta, chosen per batch (both checked against `reference_forward`):
 - gathered: each layer holds its rows' A and (scale * B) as per-row stacks, sliced to the
   largest rank in the batch. Each step is then two batched matmuls per layer (bmm,
@@ -33,7 +37,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from adapterd.engine.nf4cpu import PackedKernel
+from adapterd.engine.nf4cpu import FusedKernel, PackedKernel
 from adapterd.errors import UnknownTargetModule
 
 # Module names the batched layer wraps: Llama/Mistral/Qwen, Phi, Falcon, GPT-NeoX style.
@@ -42,6 +46,9 @@ TARGET_NAMES = frozenset({
     "dense", "fc1", "fc2",
     "query_key_value", "dense_h_to_4h", "dense_4h_to_h",
 })
+
+# Siblings that take the same input; on the CPU their base layers run as one kernel call.
+FUSED_SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 # Gathered per-row stacks above this many bytes (over all layers) switch to segments.
 DEFAULT_GATHER_BUDGET = 256 * 2**20
@@ -84,6 +91,8 @@ class BatchedLoraLinear(nn.Module):
         self._b_buf: torch.Tensor | None = None
         self._kernel: PackedKernel | None = None  # the base's CPU kernel, called directly
         self._no_kernel = False  # an inference call left the base without one (GPU, plain Linear)
+        self._siblings: SiblingGroup | None = None  # set by inject_lora for q/k/v and gate/up
+        self._sibling_index = 0
 
     def set_slot(self, slot: int, a: torch.Tensor | None, b: torch.Tensor | None, scaling: float) -> None:
         """Copy A (r, in) and B (out, r) into `slot`; None zeroes the slot for this layer."""
@@ -143,6 +152,10 @@ class BatchedLoraLinear(nn.Module):
     def _base_forward(self, x: torch.Tensor) -> torch.Tensor:
         kernel = self._kernel
         inference = not torch.is_grad_enabled()
+        if inference and self._siblings is not None:
+            y = self._siblings.output(self._sibling_index, x)
+            if y is not None:
+                return y
         if kernel is not None and inference and kernel.matches(self.base):
             return kernel(x)
         y = self.base(x)  # the first inference call is where bitsandbytes packs a CPU weight
@@ -160,6 +173,66 @@ class BatchedLoraLinear(nn.Module):
             xa = xs @ self.lora_a[slot, :, :r]  # (n*T, r)
             ys = y[start:end].view(-1, self.out_features)  # (n*T, out), a view into y
             ys.addmm_(xa, self.lora_b[slot, :r])  # scale is folded into the slot's B
+
+
+class SiblingGroup:
+    """Base layers that take the same input (q/k/v, gate/up) computed in one fused kernel
+    call (nf4cpu.FusedKernel): the first member called with an input computes every
+    member's output; the others, called next with that same tensor, take theirs.
+
+    The fused kernel is built once every member has its own direct kernel (after the
+    warm-up forward has packed the weights), and again after bitsandbytes unpacks and
+    repacks them. A model that does not call the members with one input tensor leaves
+    outputs unclaimed; after a few such misses the group stops fusing for good."""
+
+    MAX_MISSES = 3
+
+    def __init__(self, members: list[BatchedLoraLinear]):
+        self.members = members
+        self._fused: FusedKernel | None = None
+        self._x: torch.Tensor | None = None  # the input the pending outputs were computed for
+        self._pending: dict[int, torch.Tensor] = {}  # member index -> its output for _x
+        self._misses = 0
+        self._off = False  # no direct kernel (GPU, plain Linear) or no fused one: never fuse
+
+    def output(self, i: int, x: torch.Tensor) -> torch.Tensor | None:
+        """Member `i`'s base output for `x`, or None: compute it the member's own way."""
+        if self._x is x and i in self._pending:
+            y = self._pending.pop(i)
+            if not self._pending:
+                self._x = None
+            return y
+        if self._pending:  # outputs computed for an input nobody asked about again
+            self._pending, self._x = {}, None
+            self._misses += 1
+        if self._misses >= self.MAX_MISSES or self._off:
+            return None
+        fused = self._fused
+        bases = [m.base for m in self.members]
+        if fused is None or not fused.matches(bases):
+            fused = self._fused = self._build(bases)
+            if fused is None:
+                return None
+        outs = fused(x)
+        self._pending = {j: y for j, y in enumerate(outs) if j != i}
+        self._x = x
+        return outs[i]
+
+    def _build(self, bases: list[nn.Module]) -> FusedKernel | None:
+        """Fuse once every member's own kernel is current (each has been called, so the
+        weights are packed); the members then call the fused weights' views directly too."""
+        if any(m._no_kernel for m in self.members):
+            self._off = True
+            return None
+        if not all(m._kernel is not None and m._kernel.matches(m.base) for m in self.members):
+            return None
+        fused = FusedKernel.of(bases)
+        if fused is None:  # shapes or formats the kernel cannot take in one call
+            self._off = True
+            return None
+        for member, kernel in zip(self.members, fused.members, strict=True):
+            member._kernel = kernel
+        return fused
 
 
 class LoraSlots:
@@ -258,6 +331,15 @@ def inject_lora(model: nn.Module, *, num_slots: int, max_rank: int,
         wrapped = BatchedLoraLinear(module, num_slots, max_rank)
         setattr(parent, child, wrapped)
         layers[name] = wrapped
+    for name in layers:
+        parent_name, _, child = name.rpartition(".")
+        for siblings in FUSED_SIBLINGS:
+            if child == siblings[0]:
+                members = [layers.get(f"{parent_name}.{c}" if parent_name else c) for c in siblings]
+                if all(m is not None for m in members):
+                    group = SiblingGroup(members)
+                    for i, m in enumerate(members):
+                        m._siblings, m._sibling_index = group, i
     device = next(model.parameters()).device
     slots = LoraSlots(layers, num_slots, max_rank, device, gather_budget_bytes)
     slots.set_batch([0])

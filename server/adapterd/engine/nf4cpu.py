@@ -8,8 +8,17 @@ about 55 µs a call, against 8-70 µs for the kernel itself on the demo model, 2
 decode step. `PackedKernel` makes the same kernel call with the same bf16 operands (so the
 output is bit for bit what Linear4bit returns) and nothing else.
 
+Sibling layers that take the same input (q/k/v, gate/up) are one call: `FusedKernel`
+concatenates their packed weights along the output dimension (the kernel computes each
+output column on its own, so every member's output is bit for bit its own call's) and
+re-points each module's weight at its rows of the concatenation, so nothing is stored twice.
+One call instead of three saved 40 µs of 113 at 16 decode rows for q/k/v on the demo model,
+31 of 161 for gate/up: the input conversion, the output allocation and the kernel's
+thread fork/join, paid once.
+
 `PackedKernel.of(module)` returns None wherever this does not apply (GPU, no AVX512-BF16,
-weight not packed yet, training); callers then use the module itself.
+weight not packed yet, training); callers then use the module itself. Likewise
+`FusedKernel.of(modules)`.
 """
 
 from __future__ import annotations
@@ -65,8 +74,13 @@ class PackedKernel:
         return cls(module)
 
     def matches(self, module: torch.nn.Module) -> bool:
-        """Still the module's current weight (bitsandbytes unpacks it to save a state dict)."""
-        return module.weight.data_ptr() == self._weight_ptr
+        """Still the module's current weight. bitsandbytes unpacks it to save a state dict
+        (clearing packing_format_for_cpu) and packs it again on its next inference forward,
+        always into a new absmax tensor; the quant state's flag and absmax identity tell
+        both apart at a third of the cost of the weight's data_ptr (which goes through
+        Params4bit's __torch_function__), on every base call of every decode step."""
+        state = module.weight.quant_state
+        return state.packing_format_for_cpu and state.absmax is self.absmax
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:  # x: (..., in)
         a = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()  # (M, in)
@@ -78,3 +92,64 @@ class PackedKernel:
         if self.bias is not None:
             y += self.bias
         return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
+
+
+class FusedKernel:
+    """One kernel call for sibling Linear4bit layers that take the same input."""
+
+    BLOCK_N = 32  # the packed layout interleaves output rows in blocks of 32
+
+    def __init__(self, modules: list[torch.nn.Module], kernels: list[PackedKernel]):
+        first = kernels[0]
+        self.in_features, self.blocksize, self.dtype = first.in_features, first.blocksize, first.dtype
+        self._fn = first._fn
+        self.weight = torch.cat([k.weight for k in kernels])  # (N_total, K/2) uint8
+        self.absmax = torch.cat([k.absmax for k in kernels], dim=1).contiguous()  # (K/blocksize, N_total)
+        self.out_features = int(self.weight.shape[0])
+        self.parts: list[tuple[int, int, torch.Tensor | None]] = []  # (offset, out_features, bias)
+        offset = 0
+        for module, kernel in zip(modules, kernels, strict=True):
+            rows = self.weight[offset : offset + kernel.out_features]
+            module.weight.data = rows.view(module.weight.data.dtype)  # the module now reads the shared copy
+            self.parts.append((offset, kernel.out_features, kernel.bias))
+            offset += kernel.out_features
+        self.members = [PackedKernel(m) for m in modules]  # on the re-pointed weights
+        self._weight_ptr = self.weight.data_ptr()
+        self._absmax_ptr = self.absmax.data_ptr()
+
+    @classmethod
+    def of(cls, modules: list[torch.nn.Module]) -> FusedKernel | None:
+        kernels = [PackedKernel.of(m) for m in modules]
+        if len(modules) < 2 or any(k is None for k in kernels):
+            return None
+        first = kernels[0]
+        if any(
+            (k.in_features, k.blocksize, k._fn, k.dtype) != (first.in_features, first.blocksize, first._fn, first.dtype)
+            or k.out_features % cls.BLOCK_N
+            or k.weight.shape != (k.out_features, k.in_features // 2)
+            or k.absmax.shape != (k.in_features // k.blocksize, k.out_features)
+            for k in kernels
+        ):
+            return None
+        return cls(modules, kernels)
+
+    def matches(self, modules: list[torch.nn.Module]) -> bool:
+        """Every member still reads its rows of the shared weight (see PackedKernel.matches)."""
+        return all(k.matches(m) for k, m in zip(self.members, modules, strict=True))
+
+    def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:  # x: (..., in) -> per member (..., out_i)
+        a = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()  # (M, in)
+        m = a.shape[0]
+        out = torch.empty((m, self.out_features), dtype=torch.bfloat16)  # (M, N_total)
+        self._fn(m, self.out_features, self.in_features, a.data_ptr(), self._weight_ptr,
+                 self._absmax_ptr, out.data_ptr(), self.blocksize, a.stride(0), out.stride(0))
+        ys = []
+        for offset, n, bias in self.parts:
+            y = out[:, offset : offset + n].to(self.dtype)  # (M, n)
+            if bias is not None:
+                y = y + bias  # a new tensor: y may still be a view into `out`
+            y = y.to(x.dtype)
+            if not y.is_contiguous():
+                y = y.contiguous()
+            ys.append(y.view(*x.shape[:-1], n))
+        return ys
