@@ -107,13 +107,17 @@ def test_running_batch_stacks_follow_every_change_and_copy_only_changed_rows():
     assert plan.changed is None, "the first batch after a load gathers every row"
     buf = layer._a_buf.data_ptr()
     plan = check([1, 2, 0, 3])  # a row joins at the end
-    assert plan.changed[0].tolist() == [3]
+    assert plan.changed == ((3,), (3,)) and plan.changed_index is None, "one row, copied straight"
     assert layer._a_buf.data_ptr() == buf, "a join within capacity must not re-allocate"
     check([2, 3, 1], transient=True)  # a prefill group between two steps
     plan = check([1, 2, 0, 3])  # the running batch again, unchanged: nothing copied
-    assert plan.changed[0].numel() == 0 and layer._a_buf.data_ptr() == buf
+    assert plan.changed == ((), ()) and layer._a_buf.data_ptr() == buf
     plan = check([1, 3, 0])  # row 1 finished; the last row took its place
-    assert plan.changed[0].tolist() == [1]
+    assert plan.changed == ((1,), (3,))
+    plan = check([2, 1, 3, 0, 1])  # several rows changed at once: the indexed copy
+    assert plan.changed == ((0, 1, 2, 3, 4), (2, 1, 3, 0, 1)) and plan.changed_index is not None
+    assert layer._a_buf.data_ptr() == buf
+    plan = check([1, 3, 0])
     plan = check([1, 3, 0] + [2] * 9)  # past capacity: a larger buffer, every row gathered
     assert layer._a_buf.shape[0] >= 12
     load(2, 8, 4)  # a reload, with a larger rank: the stacks are re-made

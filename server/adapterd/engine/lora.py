@@ -50,6 +50,10 @@ TARGET_NAMES = frozenset({
 # Siblings that take the same input; on the CPU their base layers run as one kernel call.
 FUSED_SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
+# Up to this many changed rows of the running batch are copied one by one (a copy_ each,
+# half the memory traffic of index_select + index_copy_); more take the indexed ops.
+COPY_ROWS_MAX = 2
+
 # Gathered per-row stacks above this many bytes (over all layers) switch to segments.
 DEFAULT_GATHER_BUDGET = 256 * 2**20
 
@@ -64,8 +68,10 @@ class BatchPlan:
     gathered: bool
     transient: bool = False  # a prefill group: gathered apart from the running batch's buffers
     # Rows whose slot differs from what the layers' buffers hold (positions, then their
-    # slots), or None: gather every row.
-    changed: tuple[torch.Tensor, torch.Tensor] | None = None
+    # slots), or None: gather every row. As index tensors too where there are more than
+    # COPY_ROWS_MAX of them.
+    changed: tuple[tuple[int, ...], tuple[int, ...]] | None = None
+    changed_index: tuple[torch.Tensor, torch.Tensor] | None = None
     capacity: int = 0  # rows a buffer gets room for when it is (re)made
 
 
@@ -134,10 +140,14 @@ class BatchedLoraLinear(nn.Module):
             torch.index_select(a_src, 0, plan.index, out=buf_a[:rows])
             torch.index_select(b_src, 0, plan.index, out=buf_b[:rows])
             self._a_buf, self._b_buf = buf_a, buf_b
-        elif plan.changed[0].numel():
-            positions, slots = plan.changed
+        elif plan.changed_index is not None:
+            positions, slots = plan.changed_index
             buf_a.index_copy_(0, positions, a_src.index_select(0, slots))
             buf_b.index_copy_(0, positions, b_src.index_select(0, slots))
+        else:  # a row or two (a join, a finish): copy them straight, no temporary
+            for p, s in zip(*plan.changed, strict=True):
+                buf_a[p].copy_(a_src[s])
+                buf_b[p].copy_(b_src[s])
         self._a_rows, self._b_rows = buf_a[:rows], buf_b[:rows]  # (B, in, r), (B, r, out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, T, in)
@@ -295,14 +305,16 @@ class LoraSlots:
                 start = i
         gathered = self.gathers(len(key))
         index = torch.tensor(key, dtype=torch.long, device=self.device)
-        changed = None
+        changed = changed_index = None
         if gathered and not transient and self._held is not None:
             held = self._held
-            moved = [i for i, s in enumerate(key) if i >= len(held) or held[i] != s]
-            changed = (torch.tensor(moved, dtype=torch.long, device=self.device), index[moved])
+            moved = tuple(i for i, s in enumerate(key) if i >= len(held) or held[i] != s)
+            changed = (moved, tuple(key[i] for i in moved))
+            if len(moved) > COPY_ROWS_MAX:
+                changed_index = (torch.tensor(moved, dtype=torch.long, device=self.device), index[list(moved)])
         # Room for the batch to grow without a new buffer, within the gather budget.
         capacity = min(max(2 * len(key), 8), max(len(key), self.gather_budget_bytes // max(self._row_bytes, 1)))
-        plan = BatchPlan(key, index, tuple(segments), gathered, transient, changed, capacity)
+        plan = BatchPlan(key, index, tuple(segments), gathered, transient, changed, changed_index, capacity)
         for layer in self.layers.values():
             layer.plan(plan)
         if not transient:
