@@ -199,6 +199,7 @@ class SiblingGroup:
 
     def __init__(self, members: list[BatchedLoraLinear]):
         self.members = members
+        self._bases = [m.base for m in members]
         self._fused: FusedKernel | None = None
         self._x: torch.Tensor | None = None  # the input the pending outputs were computed for
         self._pending: dict[int, torch.Tensor] = {}  # member index -> its output for _x
@@ -218,9 +219,8 @@ class SiblingGroup:
         if self._misses >= self.MAX_MISSES or self._off:
             return None
         fused = self._fused
-        bases = [m.base for m in self.members]
-        if fused is None or not fused.matches(bases):
-            fused = self._fused = self._build(bases)
+        if fused is None or not fused.matches(self._bases):
+            fused = self._fused = self._build()
             if fused is None:
                 return None
         outs = fused(x)
@@ -228,7 +228,7 @@ class SiblingGroup:
         self._x = x
         return outs[i]
 
-    def _build(self, bases: list[nn.Module]) -> FusedKernel | None:
+    def _build(self) -> FusedKernel | None:
         """Fuse once every member's own kernel is current (each has been called, so the
         weights are packed); the members then call the fused weights' views directly too."""
         if any(m._no_kernel for m in self.members):
@@ -236,7 +236,7 @@ class SiblingGroup:
             return None
         if not all(m._kernel is not None and m._kernel.matches(m.base) for m in self.members):
             return None
-        fused = FusedKernel.of(bases)
+        fused = FusedKernel.of(self._bases)
         if fused is None:  # shapes or formats the kernel cannot take in one call
             self._off = True
             return None

@@ -43,7 +43,26 @@ def _kernel(quant_type: str):
     return _kernels[quant_type]
 
 
-class PackedKernel:
+class _KernelCall:
+    """The bf16 call into the kernel, shared by one layer and a fused group of them."""
+
+    in_features: int
+    out_features: int
+    blocksize: int
+    _fn: object
+    _weight_ptr: int
+    _absmax_ptr: int
+
+    def _gemm(self, x: torch.Tensor) -> torch.Tensor:  # x: (..., in) -> (M, out) bf16
+        a = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()  # (M, in)
+        m = a.shape[0]
+        out = torch.empty((m, self.out_features), dtype=torch.bfloat16)  # (M, out)
+        self._fn(m, self.out_features, self.in_features, a.data_ptr(), self._weight_ptr,
+                 self._absmax_ptr, out.data_ptr(), self.blocksize, a.stride(0), out.stride(0))
+        return out
+
+
+class PackedKernel(_KernelCall):
     """y = x @ W.T (+ bias) for one packed Linear4bit, through bitsandbytes' C kernel."""
 
     def __init__(self, module: torch.nn.Module):
@@ -83,18 +102,13 @@ class PackedKernel:
         return state.packing_format_for_cpu and state.absmax is self.absmax
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:  # x: (..., in)
-        a = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()  # (M, in)
-        m = a.shape[0]
-        out = torch.empty((m, self.out_features), dtype=torch.bfloat16)  # (M, out)
-        self._fn(m, self.out_features, self.in_features, a.data_ptr(), self._weight_ptr,
-                 self._absmax_ptr, out.data_ptr(), self.blocksize, a.stride(0), out.stride(0))
-        y = out.to(self.dtype)
+        y = self._gemm(x).to(self.dtype)  # (M, out)
         if self.bias is not None:
             y += self.bias
         return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
 
 
-class FusedKernel:
+class FusedKernel(_KernelCall):
     """One kernel call for sibling Linear4bit layers that take the same input."""
 
     BLOCK_N = 32  # the packed layout interleaves output rows in blocks of 32
@@ -138,18 +152,12 @@ class FusedKernel:
         return all(k.matches(m) for k, m in zip(self.members, modules, strict=True))
 
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:  # x: (..., in) -> per member (..., out_i)
-        a = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()  # (M, in)
-        m = a.shape[0]
-        out = torch.empty((m, self.out_features), dtype=torch.bfloat16)  # (M, N_total)
-        self._fn(m, self.out_features, self.in_features, a.data_ptr(), self._weight_ptr,
-                 self._absmax_ptr, out.data_ptr(), self.blocksize, a.stride(0), out.stride(0))
+        out = self._gemm(x)  # (M, N_total)
         ys = []
         for offset, n, bias in self.parts:
             y = out[:, offset : offset + n].to(self.dtype)  # (M, n)
             if bias is not None:
                 y = y + bias  # a new tensor: y may still be a view into `out`
-            y = y.to(x.dtype)
-            if not y.is_contiguous():
-                y = y.contiguous()
+            y = y.to(x.dtype).contiguous()  # a copy only where y is still that view
             ys.append(y.view(*x.shape[:-1], n))
         return ys
