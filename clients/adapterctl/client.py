@@ -9,6 +9,7 @@ messages are built from their descriptor in a private pool below.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator, Sequence
 
@@ -24,6 +25,35 @@ TOKEN_ENV = "ADAPTERD_TOKEN"
 # can hash on it and keep each adapter on one replica (deploy/README.md, "Routing by adapter").
 ADAPTER_HEADER = "adapterd-adapter"
 
+# Calls that may run twice without harm are retried when a replica is gone or draining
+# (UNAVAILABLE): gRPC's own retry policy, which also fails over behind a load balancer
+# (deploy/local/README.md). gRPC commits a call once the response headers arrive, and the
+# server sends them with the first token, so a GenerateStream that has streamed anything is
+# never replayed. Pushes, deletes, job creation and cancellation are not retried here.
+IDEMPOTENT_METHODS = {
+    "adapterd.v1.Inference": ("Generate", "GenerateStream"),
+    "adapterd.v1.Adapters": ("ListAdapters", "GetAdapter", "GetPushRules"),
+    "adapterd.v1.Training": ("GetJob", "ListJobs", "WatchJob"),
+    "grpc.health.v1.Health": ("Check",),
+}
+# Five attempts (gRPC's maximum), 0.1 s growing to 1 s between them (each jittered down):
+# about 1.5 s in all, enough for a balancer to notice a dead replica. No retry throttling:
+# a replica killed under load fails all its calls at once, and a token bucket would let
+# only the first few of them retry.
+RETRY_POLICY = {
+    "maxAttempts": 5,
+    "initialBackoff": "0.1s",
+    "maxBackoff": "1s",
+    "backoffMultiplier": 2,
+    "retryableStatusCodes": ["UNAVAILABLE"],
+}
+SERVICE_CONFIG = json.dumps({
+    "methodConfig": [{
+        "name": [{"service": svc, "method": m} for svc, methods in IDEMPOTENT_METHODS.items() for m in methods],
+        "retryPolicy": RETRY_POLICY,
+    }]
+})
+
 
 def default_addr() -> str:
     return os.environ.get(ADDR_ENV) or DEFAULT_ADDR
@@ -31,7 +61,7 @@ def default_addr() -> str:
 
 class Client:
     """One channel to adapterd. `credentials` (TLS) and `metadata` (e.g. a bearer token)
-    apply to every call."""
+    apply to every call. `retry=False` turns off the retry policy (SERVICE_CONFIG)."""
 
     def __init__(
         self,
@@ -40,14 +70,16 @@ class Client:
         credentials: grpc.ChannelCredentials | None = None,
         metadata: Sequence[tuple[str, str]] = (),
         timeout: float | None = None,
+        retry: bool = True,
     ):
         self.addr = addr or default_addr()
         self.metadata = tuple(metadata)
         self.timeout = timeout
+        options = [("grpc.service_config", SERVICE_CONFIG)] if retry else [("grpc.enable_retries", 0)]
         if credentials is None:
-            self.channel = grpc.insecure_channel(self.addr)
+            self.channel = grpc.insecure_channel(self.addr, options=options)
         else:
-            self.channel = grpc.secure_channel(self.addr, credentials)
+            self.channel = grpc.secure_channel(self.addr, credentials, options=options)
         self.inference = pb_grpc.InferenceStub(self.channel)
 
     @classmethod
