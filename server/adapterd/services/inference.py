@@ -12,6 +12,7 @@ from adapterd_api.v1 import inference_pb2 as pb
 from adapterd_api.v1 import inference_pb2_grpc as pb_grpc
 
 from adapterd.auth import RequestLease, TenantLimiter
+from adapterd.engine.chat import Message
 from adapterd.engine.loop import EngineLoop, GenerateArgs
 from adapterd.tenancy import current_principal
 
@@ -76,6 +77,7 @@ class InferenceService(pb_grpc.InferenceServicer):
                 tenant=tenant,
                 adapter=request.adapter,
                 prompt=request.prompt,
+                messages=[Message(m.role, m.content) for m in request.messages],
                 args=generate_args(request.params),
                 deadline=None if remaining is None else time.monotonic() + remaining,
                 on_start=lease.running,

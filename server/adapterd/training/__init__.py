@@ -27,12 +27,12 @@ def registry_publisher(registry):
 def open_jobs(config, registry, metrics=None):
     """The server's JobManager (started: what a previous run left is settled, queued jobs
     run) from its Config, publishing to `registry`, reporting to `metrics` (a Metrics)."""
-    from adapterd.engine.demo import demo_model_dir
+    from adapterd.engine.model import base_model_dir
     from adapterd.training.jobs import JobManager, JobsConfig
 
     t = config.training
     jobs_config = JobsConfig(
-        root=t.jobs_dir, base_model=config.model.base_model or demo_model_dir(), device=config.model.device,
+        root=t.jobs_dir, base_model=base_model_dir(config.model.base_model), device=config.model.device,
         compute_dtype=config.model.compute_dtype, max_concurrent_jobs=t.max_concurrent_jobs,
         max_dataset_bytes=t.max_dataset_bytes, worker_nice=t.worker_nice, cancel_grace_s=t.cancel_grace_s,
         max_rank=config.cache.max_rank,

@@ -23,10 +23,11 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from adapterd.engine import chat
+from adapterd.engine.chat import ROLES
 from adapterd.errors import InvalidArgument
 
 IGNORE_INDEX = -100  # labels with this value carry no loss (PyTorch's cross-entropy default)
-ROLES = ("system", "user", "assistant")
 FORMAT_HELP = (
     'expected {"text": ...}, {"prompt": ..., "completion": ...} or '
     '{"messages": [{"role": ..., "content": ...}, ...]}'
@@ -130,19 +131,21 @@ def _chat_example(messages, line: int, where: str, tokenizer) -> Example:
         raise InvalidArgument(f"{where}: the last message must be the assistant's: it is what the adapter learns")
     if not messages[-1]["content"]:
         raise InvalidArgument(f"{where}: the last (assistant) message is empty")
-    if not getattr(tokenizer, "chat_template", None):
+    if not chat.has_template(tokenizer):
         raise InvalidArgument(
             f'{where}: {{"messages"}} is rendered with the base model\'s chat template, and its tokenizer has '
             'none; use {"prompt", "completion"} instead'
         )
-    history = [{"role": m["role"], "content": m["content"]} for m in messages]
-    prompt = tokenizer.apply_chat_template(history[:-1], tokenize=False, add_generation_prompt=True)
-    full = tokenizer.apply_chat_template(history, tokenize=False)
+    # Rendered as the server renders GenerateRequest.messages: what the adapter learns to
+    # answer is exactly what it is sent when served.
+    history = [chat.Message(m["role"], m["content"]) for m in messages]
+    prompt = chat.render(tokenizer, history[:-1], add_generation_prompt=True, field=f"{where}: messages")
+    full = chat.render(tokenizer, history, add_generation_prompt=False, field=f"{where}: messages")
     # The completion is what the template adds for the last turn (its end-of-turn marker
     # included), when the template renders the prompt as a prefix of the whole; else the
     # reply itself.
-    completion = full[len(prompt):] if full.startswith(prompt) else history[-1]["content"]
-    return Example(line, prompt, completion, prompt, history[-1]["content"], chat=True)
+    completion = full[len(prompt):] if full.startswith(prompt) else history[-1].content
+    return Example(line, prompt, completion, prompt, history[-1].content, chat=True)
 
 
 def _string(obj: dict, key: str, where: str, allow_empty: bool = False) -> str:

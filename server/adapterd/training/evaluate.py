@@ -20,6 +20,7 @@ from collections.abc import Callable
 
 import torch
 
+from adapterd.engine.chat import eos_token_ids
 from adapterd.training.data import IGNORE_INDEX, Example, collate, encode
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
@@ -61,7 +62,8 @@ def completion_loss(model, tokenizer, examples: list[Example], batch_size: int) 
 
 @torch.no_grad()
 def generate(model, tokenizer, examples: list[Example], *, batch_size: int, max_new_tokens: int) -> list[str]:
-    """Greedy completions of each example's eval_prompt, stopping at EOS."""
+    """Greedy completions of each example's eval_prompt, stopping at EOS or the chat
+    template's end-of-turn token, as the server does."""
     device = _device(model)
     outputs: list[str] = []
     for start in range(0, len(examples), batch_size):
@@ -79,7 +81,7 @@ def generate(model, tokenizer, examples: list[Example], *, batch_size: int, max_
             max_new_tokens=max_new_tokens,
             do_sample=False,
             use_cache=True,  # training with gradient checkpointing turned the model's default off
-            eos_token_id=tokenizer.eos_token_id,
+            eos_token_id=sorted(eos_token_ids(model, tokenizer)),  # where serving stops: end of turn too
             pad_token_id=tokenizer.pad_token_id,
         )  # (B, T + new)
         outputs.extend(tokenizer.batch_decode(out[:, width:], skip_special_tokens=True))
