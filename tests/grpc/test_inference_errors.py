@@ -227,12 +227,12 @@ def test_warm_up_batch_stays_within_the_token_limits(serve, monkeypatch):
 
     seen: list[tuple[int, int]] = []
 
-    class Recording(loop_module.Generator):
+    class Recording(loop_module.PagedGenerator):  # the engine the demo model gets
         def add(self, requests):
             seen.extend((len(r.prompt_ids), r.params.max_new_tokens) for r in requests)
             return super().add(requests)
 
-    monkeypatch.setattr(loop_module, "Generator", Recording)
+    monkeypatch.setattr(loop_module, "PagedGenerator", Recording)
     server = serve(scheduler=SchedulerConfig(max_batch_size=3, max_input_tokens=6, max_total_tokens=8))
     warm = list(seen)
     assert len(warm) == 3, "one full batch"

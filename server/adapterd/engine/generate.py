@@ -27,6 +27,7 @@ class Request:
     prompt_ids: list[int]
     params: SamplingParams
     slot: int = 0  # 0 = base model
+    salt: bytes = b""  # the prefix cache's h_0 for this request (kv.prefix_salt); paged engine only
 
 
 @dataclass
@@ -39,6 +40,7 @@ class TokenEvent:
     finish_reason: str | None  # "length" | "stop" | "eos"
     prompt_tokens: int
     completion_tokens: int
+    error: str | None = None  # the row failed (finish_reason "error"): why, for the caller
 
 
 @dataclass
@@ -58,7 +60,7 @@ class Generator:
         self.tokenizer = tokenizer
         self.slots = slots
         self.device = next(model.parameters()).device
-        self.eos = eos_token_ids if eos_token_ids is not None else _eos_ids(model, tokenizer)
+        self.eos = eos_token_ids if eos_token_ids is not None else eos_ids(model, tokenizer)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.rows: list[_Row] = []
         self.kv: KVBatch | None = None
@@ -195,7 +197,7 @@ class Generator:
         return ids.to(self.device), mask.to(self.device)
 
 
-def _eos_ids(model, tokenizer) -> set[int]:
+def eos_ids(model, tokenizer) -> set[int]:
     ids = set()
     gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     for value in (gen_eos, tokenizer.eos_token_id):

@@ -32,7 +32,7 @@ Two ways to apply the delta, chosen per batch (both checked against `reference_f
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -75,6 +75,35 @@ class BatchPlan:
     capacity: int = 0  # rows a buffer gets room for when it is (re)made
 
 
+@dataclass
+class FlatPlan:
+    """A flat run of tokens (the paged engine): each token's adapter slot. Each layer applies
+    the deltas of the run's adapters in three ops, whatever their number:
+
+        xa = x @ [A_s1^T | A_s2^T | ...]      (T, R)   R = the sum of their ranks
+        xa *= mask                            each token keeps its own adapter's columns
+        y += xa @ [scale B_s1^T ; ...]        (T, out)
+
+    The concatenations are made when the run's set of adapters changes, not per step, and
+    hold each adapter at its own rank: no per-row copy of stacks at the max rank."""
+
+    slots: tuple[int, ...]  # the distinct adapter slots in the run (0 omitted), ascending
+    token_slot: torch.Tensor  # (T,) long
+    uniform: bool  # every token on the same adapter slot
+    _masks: dict = field(default_factory=dict)
+
+    def mask(self, columns: tuple[tuple[int, int], ...], dtype: torch.dtype) -> torch.Tensor | None:
+        """(T, R) ones where a token's slot owns the column; None when nothing is masked."""
+        if self.uniform and len(columns) == 1:
+            return None
+        key = (columns, dtype)
+        m = self._masks.get(key)
+        if m is None:
+            col_slot = torch.tensor([s for s, r in columns for _ in range(r)], device=self.token_slot.device)
+            m = self._masks[key] = (self.token_slot[:, None] == col_slot[None, :]).to(dtype)  # (T, R)
+        return m
+
+
 class BatchedLoraLinear(nn.Module):
     """Wraps one base linear (nn.Linear or bitsandbytes Linear4bit) with S LoRA slots."""
 
@@ -99,10 +128,15 @@ class BatchedLoraLinear(nn.Module):
         self._no_kernel = False  # an inference call left the base without one (GPU, plain Linear)
         self._siblings: SiblingGroup | None = None  # set by inject_lora for q/k/v and gate/up
         self._sibling_index = 0
+        # Flat runs: the run's adapters side by side, (in, R) and (R, out), and the token mask.
+        self._flat: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None
+        self._cat_key: tuple[tuple[int, int], ...] | None = None
+        self._cat: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def set_slot(self, slot: int, a: torch.Tensor | None, b: torch.Tensor | None, scaling: float) -> None:
         """Copy A (r, in) and B (out, r) into `slot`; None zeroes the slot for this layer."""
         self._a_buf = self._b_buf = None  # rows of this slot in the buffers are stale now
+        self._cat_key = self._cat = self._flat = None
         self.lora_a[slot].zero_()
         self.lora_b[slot].zero_()
         if a is None:
@@ -117,6 +151,7 @@ class BatchedLoraLinear(nn.Module):
         """Prepare for a new batch: per-row stacks are made when the batch changes, not every
         step, and for the running batch only the rows that changed."""
         self._plan = plan
+        self._flat = None
         self._a_rows = self._b_rows = None
         r = max((self.rank[s] for s in set(plan.key)), default=0)
         if r == 0 or not plan.gathered:
@@ -150,8 +185,30 @@ class BatchedLoraLinear(nn.Module):
                 buf_b[p].copy_(b_src[s])
         self._a_rows, self._b_rows = buf_a[:rows], buf_b[:rows]  # (B, in, r), (B, r, out)
 
+    def plan_flat(self, flat: FlatPlan) -> None:
+        """Prepare for a flat run (see FlatPlan)."""
+        self._plan = None
+        self._a_rows = self._b_rows = None
+        columns = tuple((s, self.rank[s]) for s in flat.slots if self.rank[s] > 0)
+        if not columns:
+            self._flat = None
+            return
+        if columns != self._cat_key:
+            a = torch.cat([self.lora_a[s, :, :r] for s, r in columns], dim=1)  # (in, R)
+            b = torch.cat([self.lora_b[s, :r] for s, r in columns], dim=0)  # (R, out)
+            self._cat, self._cat_key = (a, b), columns
+        self._flat = (*self._cat, flat.mask(columns, self.lora_a.dtype))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, T, in)
         y = self._base_forward(x)  # (B, T, out)
+        if self._flat is not None:
+            a, b, mask = self._flat
+            xa = x.reshape(-1, self.in_features) @ a  # (T, R)
+            if mask is not None:
+                xa.mul_(mask)
+            y = y if y.is_contiguous() else y.contiguous()
+            y.view(-1, self.out_features).addmm_(xa, b)  # (T, out)
+            return y
         if self._a_rows is not None:
             xa = torch.bmm(x, self._a_rows)  # (B, T, r)
             return y.baddbmm_(xa, self._b_rows)  # (B, T, out)
@@ -320,6 +377,18 @@ class LoraSlots:
         if not transient:
             self._held = key if gathered else None
         self._plan = plan
+
+    def set_tokens(self, token_slots: list[int]) -> None:
+        """Tell every layer the adapter slot of each token of a flat run (paged engine)."""
+        distinct = sorted(set(token_slots) - {0})
+        flat = FlatPlan(
+            tuple(distinct),
+            torch.tensor(token_slots, dtype=torch.long, device=self.device),
+            len(distinct) == 1 and 0 not in token_slots,
+        )
+        for layer in self.layers.values():
+            layer.plan_flat(flat)
+        self._plan = self._held = None  # the next set_batch plans afresh
 
     def _check_slot(self, slot: int) -> None:
         if not 1 <= slot < self.num_slots:

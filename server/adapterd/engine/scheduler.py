@@ -88,9 +88,13 @@ class Scheduler:
         self.waiting = keep
         return failed
 
-    def admit(self, now: float, free_rows: int) -> tuple[list[Submission], list[tuple[Submission, AdapterdError]]]:
+    def admit(
+        self, now: float, free_rows: int, fits: Callable[[Submission], bool] | None = None
+    ) -> tuple[list[Submission], list[tuple[Submission, AdapterdError]]]:
         """Pick up to `free_rows` requests, copying adapters into slots as needed, and pin
-        them. Returns (admitted, failed): an adapter can still fail at its slot copy."""
+        them. `fits(sub)`, when given, says whether the request's KV fits now (and counts it
+        if so): one that does not waits for rows to finish. Returns (admitted, failed): an
+        adapter can still fail at its slot copy."""
         self._released = False  # this pass sees every release so far
         if free_rows <= 0 or not self.waiting:
             return [], []
@@ -104,7 +108,8 @@ class Scheduler:
             if len(admitted) == free_rows:
                 break
             if s.key is None:
-                admitted.append(s)
+                if fits is None or fits(s):
+                    admitted.append(s)
                 continue
             slot = self.cache.slot_of(s.key)
             if slot is None:
@@ -114,13 +119,16 @@ class Scheduler:
                     if reserved is None and now - s.arrival >= self.max_wait_s:
                         reserved = self._slot_to_free()
                     continue
+            elif s.key == reserved:
+                continue  # pinning it again would keep the overdue request's slot from freeing
+            if fits is not None and not fits(s):
+                continue
+            if slot is None:
                 try:
                     slot = self.cache.activate(s.adapter)
                 except AdapterdError as e:
                     failed.append((s, e))
                     continue
-            elif s.key == reserved:
-                continue  # pinning it again would keep the overdue request's slot from freeing
             s.slot = slot
             self.cache.pin(s.key)
             s.pinned = True
