@@ -184,6 +184,44 @@ class CacheConfig:
 
 
 @dataclass(frozen=True)
+class EngineConfig:
+    """The step engine: the paged KV cache and the step's token budget (engine/paged.py)."""
+
+    # auto: paged wherever the model's attention goes through transformers' attention
+    # interface (Llama, Mistral, Qwen2, Phi, ...), else the padded engine (Falcon).
+    kind: str = "auto"
+    kv_cache_mb: int = 0  # 0: room for max-batch-size rows of max-total-tokens, at most 2 GiB
+    block_size: int = 16
+    max_step_tokens: int = 256
+
+    def __post_init__(self):
+        _check(self.kind in ("auto", "paged", "padded"), f"--engine must be auto, paged or padded; got {self.kind!r}")
+        _check(self.kv_cache_mb >= 0, f"--kv-cache-mb must be >= 0 (0 = auto); got {self.kv_cache_mb}")
+        _check(1 <= self.block_size <= 1024, f"--kv-block-size must be in 1..1024; got {self.block_size}")
+        _check(self.max_step_tokens >= 1, f"--max-step-tokens must be >= 1; got {self.max_step_tokens}")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> EngineConfig:
+        return cls(args.engine, args.kv_cache_mb, args.kv_block_size, args.max_step_tokens)
+
+
+def add_engine_flags(p: argparse._ArgumentGroup) -> None:
+    d = EngineConfig()
+    p.add_argument("--engine", choices=("auto", "paged", "padded"), default=d.kind,
+                   help="paged: one forward per step over a flat run of tokens, a paged KV cache, chunked "
+                        "prefill and prefix caching; padded: the first engine (a padded cache per batch); "
+                        "auto: paged where the model supports it (default: %(default)s)")
+    p.add_argument("--kv-cache-mb", type=int, default=d.kv_cache_mb,
+                   help="memory for the paged KV cache in MiB; 0: room for --max-batch-size rows of "
+                        "--max-total-tokens, at most 2048 MiB (default: %(default)s)")
+    p.add_argument("--kv-block-size", type=int, default=d.block_size,
+                   help="tokens per KV block; prefix caching shares whole blocks (default: %(default)s)")
+    p.add_argument("--max-step-tokens", type=int, default=d.max_step_tokens,
+                   help="token budget of one step: decode rows first, then prompt chunks up to it, so a "
+                        "long prompt never stalls the running rows (default: %(default)s)")
+
+
+@dataclass(frozen=True)
 class RegistryConfig:
     """Where adapters are stored (registry/store.py) and what a push may be."""
 
@@ -234,6 +272,25 @@ class RegistryConfig:
             max_adapter_bytes=args.max_adapter_bytes, refresh_s=args.registry_refresh,
             deleted_grace_s=args.deleted_grace,
         )
+
+
+@dataclass(frozen=True)
+class UploadConfig:
+    """Uploads in progress (uploads.py): pushes and training datasets, streamed by clients."""
+
+    idle_timeout_s: float = 30.0  # a stream that sends nothing for this long is ended
+    max_uploads: int = 16  # in progress at once, every tenant together
+    max_uploads_per_tenant: int = 4
+
+    def __post_init__(self):
+        _check(self.idle_timeout_s > 0, f"--upload-idle-timeout must be > 0 seconds; got {self.idle_timeout_s}")
+        _check(self.max_uploads >= 1, f"--max-uploads must be >= 1; got {self.max_uploads}")
+        _check(self.max_uploads_per_tenant >= 1,
+               f"--max-uploads-per-tenant must be >= 1; got {self.max_uploads_per_tenant}")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> UploadConfig:
+        return cls(args.upload_idle_timeout, args.max_uploads, args.max_uploads_per_tenant)
 
 
 def is_loopback(host: str) -> bool:
@@ -334,7 +391,9 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
     registry: RegistryConfig = field(default_factory=RegistryConfig)
+    uploads: UploadConfig = field(default_factory=UploadConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
     tls: TlsConfig = field(default_factory=TlsConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
@@ -356,7 +415,9 @@ class Config:
             model=ModelConfig.from_args(args),
             scheduler=SchedulerConfig.from_args(args),
             cache=CacheConfig.from_args(args),
+            engine=EngineConfig.from_args(args),
             registry=RegistryConfig.from_args(args),
+            uploads=UploadConfig.from_args(args),
             auth=AuthConfig.from_args(args),
             tls=TlsConfig.from_args(args),
             metrics=MetricsConfig.from_args(args),
@@ -537,6 +598,18 @@ def add_registry_flags(p: argparse._ArgumentGroup) -> None:
                    "finish (default: %(default)s)")
 
 
+def add_upload_flags(p: argparse._ArgumentGroup) -> None:
+    d = UploadConfig()
+    p.add_argument("--upload-idle-timeout", type=float, default=d.idle_timeout_s, metavar="SECONDS",
+                   help="a push or a training upload that sends nothing for this long is ended with "
+                   "RESOURCE_EXHAUSTED, and what it stored removed (default: %(default)s)")
+    p.add_argument("--max-uploads", type=int, default=d.max_uploads,
+                   help="pushes and training uploads in progress at once, all tenants together; more are "
+                   "refused with RESOURCE_EXHAUSTED (default: %(default)s)")
+    p.add_argument("--max-uploads-per-tenant", type=int, default=d.max_uploads_per_tenant,
+                   help="the same, for one tenant (default: %(default)s)")
+
+
 # (group title, flag adder). One line per concern.
 def add_training_flags(p: argparse._ArgumentGroup) -> None:
     d = TrainingConfig()
@@ -567,7 +640,9 @@ FLAG_GROUPS = [
     ("base model", add_model_flags),
     ("scheduler", add_scheduler_flags),
     ("adapter cache", add_cache_flags),
+    ("engine", add_engine_flags),
     ("adapter registry", add_registry_flags),
+    ("uploads", add_upload_flags),
     ("tenants and auth", add_auth_flags),
     ("TLS", add_tls_flags),
     ("metrics", add_metrics_flags),

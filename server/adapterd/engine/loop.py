@@ -25,16 +25,21 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from adapterd import errors
-from adapterd.config import CacheConfig, ModelConfig, SchedulerConfig
-from adapterd.engine import chat, limits
+from adapterd.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from adapterd.engine import attention, chat, limits
 from adapterd.engine.chat import Message
 from adapterd.engine.generate import Generator, Request, TokenEvent
+from adapterd.engine.kv import prefix_salt
+from adapterd.engine.paged import PagedGenerator
 from adapterd.engine.sampling import SamplingParams
 from adapterd.engine.scheduler import Scheduler, Submission
 from adapterd.registry.cache import AdapterCache, Resolver
 
 log = logging.getLogger(__name__)
 
+
+# --kv-cache-mb 0 sizes the pool for a full batch of the longest requests, at most this.
+AUTO_KV_MAX_BYTES = 2 * 2**30
 
 # The warm-up batch: rows x prompt tokens (capped by --max-batch-size, --max-input-tokens).
 WARM_UP_ROWS = 32
@@ -145,12 +150,14 @@ class EngineLoop:
         scheduler: SchedulerConfig,
         cache: CacheConfig,
         metrics=None,  # adapterd.metrics.Metrics, or None
+        engine: EngineConfig | None = None,
     ):
         self._build = parts if callable(parts) else (lambda: parts)
         self.metrics = metrics
         self.resolver = resolver
         self.config = scheduler
         self.cache_config = cache
+        self.engine_config = engine or EngineConfig()
         self.tokenizer = None
         self.cache: AdapterCache | None = None
         self._sched: Scheduler | None = None
@@ -324,13 +331,65 @@ class EngineLoop:
         log.info("limits: %d input tokens, %d total tokens per request (base model: %s positions)",
                  self.config.max_input_tokens, self.config.max_total_tokens, max_pos or "unknown")
         self.tokenizer = parts.tokenizer
-        self._gen = Generator(parts.model, parts.tokenizer, parts.slots,
-                              eos_token_ids=chat.eos_token_ids(parts.model, parts.tokenizer))
+        self._gen = self._generator(parts, chat.eos_token_ids(parts.model, parts.tokenizer))
         self.cache = AdapterCache(
             parts.slots, parts.spec, self.cache_config, on_load_done=self._wake, metrics=self.metrics
         )
         self._sched = Scheduler(self.cache, self.config.max_wait_ms / 1000)
         self._warm_up()
+
+    def _generator(self, parts: EngineParts, eos: set[int]):
+        """The paged engine where the model's attention supports it (or --engine paged), else
+        the padded one."""
+        cfg = self.engine_config
+        paged = cfg.kind == "paged" or (cfg.kind == "auto" and attention.supports_paged(parts.model))
+        if cfg.kind == "paged" and not attention.supports_paged(parts.model):
+            raise errors.InvalidArgument(
+                f"--engine paged: the base model ({type(parts.model).__name__}) does not use transformers' "
+                "attention interface; use --engine auto or padded"
+            )
+        if not paged:
+            log.info("engine: padded (the model's attention does not go through the attention interface)")
+            return Generator(parts.model, parts.tokenizer, parts.slots, eos_token_ids=eos)
+        kv_bytes = cfg.kv_cache_mb * 2**20 or self._auto_kv_bytes(parts.model)
+        gen = PagedGenerator(parts.model, parts.tokenizer, parts.slots, kv_cache_bytes=kv_bytes,
+                             block_size=cfg.block_size, step_tokens=cfg.max_step_tokens,
+                             max_wait_s=self.config.max_wait_ms / 1000, eos_token_ids=eos)
+        if gen.capacity_tokens < self.config.max_total_tokens:
+            raise errors.InvalidArgument(
+                f"--kv-cache-mb {cfg.kv_cache_mb} holds {gen.capacity_tokens} tokens, fewer than one request "
+                f"of --max-total-tokens ({self.config.max_total_tokens}): give more memory or lower the limit"
+            )
+        log.info("engine: paged, %d KV blocks of %d tokens (%.0f MiB), %d tokens a step, attention kernel: %s",
+                 gen.blocks.num_blocks, cfg.block_size, gen.pool.nbytes / 2**20, cfg.max_step_tokens,
+                 "C" if gen.kernel is not None else "torch")
+        return gen
+
+    def _auto_kv_bytes(self, model) -> int:
+        c = model.config
+        kv_heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+        head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        elem = next(p for p in model.parameters() if p.dtype.is_floating_point).element_size()
+        per_token = 2 * c.num_hidden_layers * kv_heads * head_dim * elem
+        want = self.config.max_batch_size * self.config.max_total_tokens * per_token
+        return max(min(want, AUTO_KV_MAX_BYTES), self.config.max_total_tokens * per_token + per_token * 64)
+
+    def _fits(self):
+        """For one admission pass: whether a request's worst case fits the KV pool beside
+        what the pass already promised (None: the padded engine has no pool to fill)."""
+        gen = self._gen
+        if not isinstance(gen, PagedGenerator):
+            return None
+        promised = [0]
+
+        def fits(sub: Submission) -> bool:
+            need = gen.blocks_needed(len(sub.prompt_ids), sub.params.max_new_tokens)
+            if need + promised[0] > gen.blocks.available:
+                return False
+            promised[0] += need
+            return True
+
+        return fits
 
     def _warm_up(self) -> None:
         """A full batch through prefill and a few decode steps before the server reports
@@ -388,7 +447,7 @@ class EngineLoop:
         )
         for sub, err in self._sched.prepare():
             self._fail(sub, err)
-        admitted, failed = self._sched.admit(now, self.config.max_batch_size - len(self._running))
+        admitted, failed = self._sched.admit(now, self.config.max_batch_size - len(self._running), self._fits())
         for sub, err in failed:
             self._fail(sub, err)
         if admitted:
@@ -419,7 +478,10 @@ class EngineLoop:
                 except Exception:  # noqa: BLE001 - bookkeeping must not fail the request
                     log.exception("on_start callback failed for request %s", sub.id)
         try:
-            events = self._gen.add([Request(s.id, s.prompt_ids, s.params, s.slot) for s in subs])
+            events = self._gen.add([
+                Request(s.id, s.prompt_ids, s.params, s.slot, salt=prefix_salt(s.tenant, s.key, s.adapter and s.adapter.name))
+                for s in subs
+            ])
         except Exception:  # noqa: BLE001 - isolate the request that broke the group
             if len(subs) == 1:
                 log.exception("prefill failed for request %s", subs[0].id)
@@ -448,6 +510,11 @@ class EngineLoop:
         for ev in events:
             sub = self._running.get(ev.request_id)
             if sub is None:
+                continue
+            if ev.error is not None:
+                self._fail(sub, errors.FailedPrecondition(
+                    f"{ev.error}{f' with adapter {sub.adapter.name}' if sub.adapter else ''}; the other requests go on"
+                ))
                 continue
             if sub.first_token is None:
                 sub.first_token = now
