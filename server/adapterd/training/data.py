@@ -23,6 +23,8 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from adapterctl.adapter_check import quote
+
 from adapterd.engine import chat
 from adapterd.engine.chat import ROLES
 from adapterd.errors import InvalidArgument
@@ -73,6 +75,8 @@ def parse_jsonl(data: bytes, *, what: str, tokenizer, max_seq_len: int, max_byte
             obj = json.loads(text)
         except json.JSONDecodeError as e:
             raise InvalidArgument(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from e
+        except RecursionError as e:  # e.g. 100,000 '[': deeper than the parser recurses
+            raise InvalidArgument(f"{where}: its JSON nests arrays or objects too deeply") from e
         fmt = detect_format(obj, where)
         if first_format is None:
             first_format = (fmt, number)
@@ -104,7 +108,7 @@ def detect_format(obj, where: str) -> str:
         return "prompt-completion"
     if "text" in keys:
         return "text"
-    raise InvalidArgument(f"{where}: unknown format with keys {sorted(keys)}; {FORMAT_HELP}")
+    raise InvalidArgument(f"{where}: unknown format with keys {quote(sorted(keys))}; {FORMAT_HELP}")
 
 
 def _example(obj: dict, fmt: str, line: int, where: str, tokenizer) -> Example:
