@@ -4,9 +4,10 @@
     serve(config)                                       `adapterd serve`: load, listen,
                                                         drain on SIGTERM/SIGINT, exit 0
 
-Shutdown, in order: health NOT_SERVING and new calls refused with UNAVAILABLE; in-flight
-calls run to the end of the grace period (`server.stop(grace)` cancels what is left);
-then the engine loop stops.
+Shutdown, in order: health NOT_SERVING (with --drain-delay, new calls are still served
+that long, while balancers notice); new calls refused with UNAVAILABLE; in-flight calls
+run to the end of the grace period (`server.stop(grace)` cancels what is left); then the
+engine loop stops.
 """
 
 from __future__ import annotations
@@ -70,11 +71,15 @@ class Lifecycle:
         for name in self.services:
             await self.health.set(name, SERVING)
 
-    async def drain(self) -> None:
-        self.engine.drain()
+    async def not_serving(self) -> None:
+        """NOT_SERVING for good, so balancers stop routing here; calls are still served."""
         if self._task is not None:
             self._task.cancel()
         await self.health.enter_graceful_shutdown()
+
+    async def drain(self) -> None:
+        self.engine.drain()
+        await self.not_serving()
 
 
 def _resolve(future: asyncio.Future) -> None:
@@ -198,6 +203,13 @@ async def serve(config: Config) -> int:
         if started.done():
             log.info("serving on %s:%d", host, port)
         await stopping
+        if engine.ready and config.server.drain_delay_s > 0:
+            await lifecycle.not_serving()
+            log.info("NOT_SERVING; new calls are still served for %.0f s (--drain-delay)", config.server.drain_delay_s)
+            stop.clear()
+            again = asyncio.ensure_future(stop.wait())  # a second signal cuts the delay short
+            await asyncio.wait({again}, timeout=config.server.drain_delay_s)
+            again.cancel()
 
     log.info("draining: new calls get UNAVAILABLE; in-flight calls have %.0f s", config.server.grace_period_s)
     await lifecycle.drain()

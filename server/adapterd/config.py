@@ -32,11 +32,15 @@ class ServerConfig:
     port: int = 50051
     grace_period_s: float = 30.0
     port_file: Path | None = None
+    # After SIGTERM, NOT_SERVING but still serving for this long, so that balancers polling
+    # health stop routing here before new calls are refused (deploy/local/README.md).
+    drain_delay_s: float = 0.0
 
     def __post_init__(self):
         _check(bool(self.host), "--host must not be empty")
         _check(0 <= self.port <= 65535, f"--port must be in 0..65535 (0 = any free port); got {self.port}")
         _check(self.grace_period_s >= 0, f"--grace-period must be >= 0 seconds; got {self.grace_period_s}")
+        _check(self.drain_delay_s >= 0, f"--drain-delay must be >= 0 seconds; got {self.drain_delay_s}")
 
     @property
     def address(self) -> str:
@@ -44,7 +48,7 @@ class ServerConfig:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> ServerConfig:
-        return cls(args.host, args.port, args.grace_period, args.port_file)
+        return cls(args.host, args.port, args.grace_period, args.port_file, drain_delay_s=args.drain_delay)
 
 
 @dataclass(frozen=True)
@@ -436,6 +440,13 @@ def add_server_flags(p: argparse._ArgumentGroup) -> None:
     p.add_argument(
         "--grace-period", type=float, default=d.grace_period_s, metavar="SECONDS",
         help="on SIGTERM/SIGINT, how long in-flight requests may run before they are cancelled (default: %(default)s)",
+    )
+    p.add_argument(
+        "--drain-delay", type=float, default=d.drain_delay_s, metavar="SECONDS",
+        help="on SIGTERM/SIGINT, report NOT_SERVING at once but keep serving new calls this long before "
+        "refusing them, so load balancers that poll health have stopped sending any; set it to their "
+        "check interval times the unhealthy threshold, plus a little. A second signal cuts it short "
+        "(default: %(default)s)",
     )
 
 
