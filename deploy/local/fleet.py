@@ -57,8 +57,11 @@ http {{
     fastcgi_temp_path {run}/nginx/tmp/fastcgi;
     uwsgi_temp_path {run}/nginx/tmp/uwsgi;
     scgi_temp_path {run}/nginx/tmp/scgi;
-    log_format grpc '$time_iso8601 $request_uri adapter="$http_adapterd_adapter" '
-                    'upstream=$upstream_addr http=$status grpc=$sent_trailer_grpc_status $request_time';
+    # One line per call: when it ended, how long it took, where it went (every replica tried,
+    # in order), and its status (grpc-status in the trailers, or in the headers of an error).
+    log_format grpc '$time_iso8601 $msec $request_time $request_uri adapter="$http_adapterd_adapter" '
+                    'upstream="$upstream_addr" http=$status grpc=$sent_trailer_grpc_status '
+                    'grpc_header=$sent_http_grpc_status';
     access_log {run}/nginx/access.log grpc;
 
     # The hash key: the adapter header when there is one; else a random key per request,
@@ -230,6 +233,8 @@ def start(args: argparse.Namespace) -> int:
             s3 = ["--s3-endpoint", procs["moto"]["addr"], "--s3-region", MOTO_ENV["AWS_DEFAULT_REGION"]]
         state["registry"] = registry
         threads = args.torch_threads or max(1, (os.cpu_count() or 1) // args.replicas)
+        # Long enough for the sidecar to see NOT_SERVING twice and reload nginx, with a margin.
+        drain_delay = args.drain_delay if args.drain_delay is not None else 2 * args.health_interval + 1
         for i in range(args.replicas):
             rdir = run / f"replica-{i}"
             rdir.mkdir(parents=True, exist_ok=True)
@@ -239,6 +244,7 @@ def start(args: argparse.Namespace) -> int:
                          "--metrics-host", host, "--metrics-port", str(mport), "--base-model", str(args.base_model),
                          "--registry", registry, *s3, "--registry-refresh", str(args.registry_refresh),
                          "--jobs-dir", str(rdir / "jobs"), "--grace-period", str(args.grace_period),
+                         "--drain-delay", str(drain_delay),
                          "--torch-threads", str(threads), *args.serve_args],
                 "cwd": str(rdir), "env": (MOTO_ENV if "moto" in procs else {}) | {"OMP_NUM_THREADS": str(threads)},
                 "log": str(rdir / "log"), "addr": f"{host}:{rport}", "metrics": f"http://{host}:{mport}/metrics",
@@ -304,10 +310,19 @@ def _stop(state: dict) -> None:
     procs = state["processes"]
     terminate(procs.get("health", {}).get("pid"), timeout=10)
     terminate(procs.get("nginx", {}).get("pid"), signal.SIGQUIT, timeout=15)
-    grace = 60.0
     with ThreadPoolExecutor(max(1, len(procs))) as pool:
-        list(pool.map(lambda p: terminate(p.get("pid"), timeout=grace), [p for _, p in replicas(state)]))
+        list(pool.map(_stop_replica, [p for _, p in replicas(state)]))
     terminate(procs.get("moto", {}).get("pid"), timeout=10)
+
+
+def _stop_replica(proc: dict) -> None:
+    """SIGTERM, and a second one a moment later: with the balancer gone there is nobody to
+    wait for, and the second signal cuts the replica's --drain-delay short."""
+    pid = proc.get("pid")
+    if alive(pid):
+        os.kill(pid, signal.SIGTERM)
+        time.sleep(0.5)
+    terminate(pid, timeout=60)
 
 
 def stop(args: argparse.Namespace) -> int:
@@ -374,6 +389,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="how soon a replica sees a push made through another (default: %(default)s)")
     s.add_argument("--grace-period", type=float, default=30.0, metavar="SECONDS",
                    help="how long a replica drains on SIGTERM (default: %(default)s)")
+    s.add_argument("--drain-delay", type=float, default=None, metavar="SECONDS",
+                   help="each replica's --drain-delay (default: twice the health interval, plus 1 s)")
     s.add_argument("--torch-threads", type=int, default=0, help="per replica (default: the cores / replicas)")
     s.add_argument("--health-interval", type=float, default=1.0, metavar="SECONDS",
                    help="between health checks of the sidecar (default: %(default)s)")

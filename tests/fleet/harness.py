@@ -1,0 +1,166 @@
+"""A handle on a fleet started by deploy/local/fleet.py: its state file, each replica's
+metrics, the balancer's upstream file and access log, and the script's own commands."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+import urllib.request
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+from adapterctl.client import Client
+from prometheus_client.parser import text_string_to_metric_families
+
+REPO = Path(__file__).resolve().parents[2]
+FLEET = REPO / "deploy" / "local" / "fleet.py"
+TRAINING_REPLICA = "replica-0"  # fleet.py routes /adapterd.v1.Training/ there
+
+
+def wait_for(predicate, timeout: float, what: str, every: float = 0.1):
+    """Poll until `predicate()` is truthy (and return it); fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(every)
+
+
+@dataclass
+class LogLine:
+    start: float  # seconds since the epoch, when nginx got the call
+    uri: str
+    adapter: str
+    upstreams: list[str]  # every replica tried, in order
+    http: int
+    grpc: str  # the grpc-status sent, "-" when none
+
+    @property
+    def served_by(self) -> str:
+        return self.upstreams[-1] if self.upstreams else ""
+
+
+_LOG = re.compile(r'\S+ (?P<msec>[\d.]+) (?P<rt>[\d.]+) (?P<uri>\S+) adapter="(?P<adapter>[^"]*)" '
+                  r'upstream="(?P<up>[^"]*)" http=(?P<http>\d+) grpc=(?P<grpc>\S+) grpc_header=(?P<grpc_h>\S+)')
+
+
+class Fleet:
+    def __init__(self, run_dir: Path):
+        self.run_dir = run_dir
+
+    # ---- the script ---------------------------------------------------------------------
+
+    def cli(self, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(FLEET), *args, "--run-dir", str(self.run_dir)],
+                              capture_output=True, text=True, timeout=timeout, cwd=REPO)
+
+    @property
+    def state(self) -> dict:
+        return json.loads((self.run_dir / "fleet.json").read_text())
+
+    @property
+    def balancer(self) -> str:
+        return self.state["balancer"]
+
+    @property
+    def replicas(self) -> dict[str, dict]:
+        return {n: p for n, p in self.state["processes"].items() if n.startswith("replica-")}
+
+    def name_of(self, addr: str) -> str:
+        return next(n for n, p in self.replicas.items() if p["addr"] == addr)
+
+    def alive(self, name: str) -> bool:
+        pid = self.replicas[name]["pid"]
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+        except FileNotFoundError:
+            return False
+
+    def signal(self, name: str, sig: int) -> None:
+        os.kill(self.replicas[name]["pid"], sig)
+
+    def restart(self, name: str, wait: bool = True) -> float:
+        """Start a dead replica again; with `wait`, until the balancer routes to it again.
+        Returns when the restart began (time.monotonic())."""
+        t0 = time.monotonic()
+        out = self.cli("restart-replica", name.removeprefix("replica-"), "--no-wait")
+        assert out.returncode == 0, out.stderr + out.stdout
+        if wait:
+            self.wait_rejoined(name)
+        return t0
+
+    def wait_rejoined(self, name: str, timeout: float = 90) -> None:
+        addr = self.replicas[name]["addr"]
+        wait_for(lambda: self.alive(name) and addr not in self.down(), timeout, f"{name} back in the balancer")
+        assert self.alive(name), f"{name} exited; its log ends: {self.replicas[name]['log']}"
+
+    def ensure_all_up(self) -> None:
+        for name in self.replicas:
+            if not self.alive(name):
+                self.restart(name)
+        wait_for(lambda: not self.down(), 30, "every replica up in the balancer")
+
+    # ---- what the balancer does ---------------------------------------------------------
+
+    def down(self) -> set[str]:
+        """Replicas the health sidecar has marked down in nginx's upstream."""
+        text = (self.run_dir / "nginx" / "upstream.conf").read_text()
+        return set(re.findall(r"server (\S+) [^;]* down;", text))
+
+    def access_log(self) -> list[LogLine]:
+        lines = []
+        for line in (self.run_dir / "nginx" / "access.log").read_text().splitlines():
+            m = _LOG.match(line)
+            if m is None:
+                continue
+            ups = [u.strip() for u in re.split(r"[,:]\s", m["up"]) if u.strip() and u.strip() != "-"]
+            grpc = m["grpc"] if m["grpc"] != "-" else m["grpc_h"]
+            lines.append(LogLine(float(m["msec"]) - float(m["rt"]), m["uri"], m["adapter"], ups, int(m["http"]), grpc))
+        return lines
+
+    # ---- each replica -------------------------------------------------------------------
+
+    def client(self, name: str | None = None, timeout: float = 60) -> Client:
+        """A client of the balancer, or of one replica directly."""
+        return Client(self.replicas[name]["addr"] if name else self.balancer, timeout=timeout)
+
+    def served(self, name: str) -> Counter:
+        """adapterd_requests_total{code="OK"} of a replica, by adapter label."""
+        with urllib.request.urlopen(self.replicas[name]["metrics"], timeout=5) as r:
+            text = r.read().decode()
+        out: Counter = Counter()
+        for family in text_string_to_metric_families(text):
+            if family.name == "adapterd_requests":
+                for s in family.samples:
+                    if s.name == "adapterd_requests_total" and s.labels.get("code") == "OK":
+                        out[s.labels["adapter"]] += s.value
+        return out
+
+    def served_all(self) -> dict[str, Counter]:
+        return {n: self.served(n) for n in self.replicas if self.alive(n)}
+
+    def placement(self, adapters: list[str], per_adapter: int = 3) -> dict[str, Counter]:
+        """Send `per_adapter` requests for each adapter through the balancer; returns, per
+        adapter, how many each replica served (from the replicas' own metrics)."""
+        before = self.served_all()
+        with self.client() as c:
+            for a in adapters:
+                for i in range(per_adapter):
+                    c.generate(f"where {i}", adapter=a, max_new_tokens=2)
+
+        def counted():
+            after = self.served_all()
+            got = {a: Counter({n: after[n][a] - before.get(n, Counter())[a] for n in after
+                               if after[n][a] - before.get(n, Counter())[a] > 0}) for a in adapters}
+            return got if all(sum(c.values()) == per_adapter for c in got.values()) else None
+
+        return wait_for(counted, 10, "the replicas' metrics to count every request")
