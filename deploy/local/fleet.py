@@ -365,13 +365,9 @@ def restart_replica(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    serve_args: list[str] = []
-    if "--" in argv:
-        i = argv.index("--")
-        argv, serve_args = argv[:i], argv[i + 1:]
-    p = argparse.ArgumentParser(prog="fleet.py", description=__doc__.split("\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fleet.py", description=__doc__.split("\n")[0],
+                                epilog="Flags after -- go to every `adapterd serve`.")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--run-dir", type=Path, default=Path(".adapterd/fleet"),
                         help="state and logs (default: %(default)s)")
@@ -406,8 +402,16 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--no-wait", action="store_true", help="return at once instead of when it is SERVING")
     r.add_argument("--start-timeout", type=float, default=600.0, metavar="SECONDS")
     r.set_defaults(func=restart_replica)
+    return p
 
-    args = p.parse_args(argv)
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    serve_args: list[str] = []
+    if "--" in argv:
+        i = argv.index("--")
+        argv, serve_args = argv[:i], argv[i + 1:]
+    args = build_parser().parse_args(argv)
     args.serve_args = serve_args
     if getattr(args, "base_model", "unset") is None:
         from adapterd.engine.demo import demo_model_dir

@@ -149,7 +149,8 @@ def run(args: argparse.Namespace, stop: threading.Event) -> None:
             stop.wait(args.interval)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The defaults are Envoy's health_checks in deploy/k8s/router.yaml (a test holds them equal)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--replica", action="append", required=True, metavar="HOST:PORT",
                    help="a replica's gRPC address; repeat for each, in the same order every time")
@@ -162,7 +163,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-fails", type=int, default=Passive.max_fails, help="nginx max_fails (default: %(default)s)")
     p.add_argument("--fail-timeout", type=float, default=Passive.fail_timeout_s, metavar="SECONDS",
                    help="nginx fail_timeout (default: %(default)s)")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s")
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
