@@ -22,6 +22,37 @@ FLEET = REPO / "deploy" / "local" / "fleet.py"
 TRAINING_REPLICA = "replica-0"  # fleet.py routes /adapterd.v1.Training/ there
 
 
+def write_lora(base_dir: Path, out: Path, *, rank: int = 4, seed: int = 0) -> Path:
+    """A PEFT LoRA adapter with random weights for the Llama at `base_dir`, written with
+    numpy alone: the fleet test needs a valid adapter, not torch in the test process while
+    three replicas load on the same cores."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    cfg = json.loads((base_dir / "config.json").read_text())
+    hidden, inter = cfg["hidden_size"], cfg["intermediate_size"]
+    head_dim = cfg.get("head_dim") or hidden // cfg["num_attention_heads"]
+    q, kv = cfg["num_attention_heads"] * head_dim, cfg.get("num_key_value_heads", cfg["num_attention_heads"]) * head_dim
+    shapes = {"self_attn.q_proj": (hidden, q), "self_attn.k_proj": (hidden, kv), "self_attn.v_proj": (hidden, kv),
+              "self_attn.o_proj": (q, hidden), "mlp.gate_proj": (hidden, inter), "mlp.up_proj": (hidden, inter),
+              "mlp.down_proj": (inter, hidden)}
+    rng = np.random.default_rng(seed)
+    tensors = {}
+    for layer in range(cfg["num_hidden_layers"]):
+        for module, (fan_in, fan_out) in shapes.items():
+            key = f"base_model.model.model.layers.{layer}.{module}"
+            tensors[f"{key}.lora_A.weight"] = (rng.standard_normal((rank, fan_in)) / np.sqrt(fan_in)).astype(np.float32)
+            tensors[f"{key}.lora_B.weight"] = (rng.standard_normal((fan_out, rank)) * 0.05).astype(np.float32)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out / "adapter_model.safetensors"))
+    (out / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "lora_dropout": 0.0, "bias": "none",
+        "fan_in_fan_out": False, "use_rslora": False, "use_dora": False, "task_type": "CAUSAL_LM",
+        "target_modules": sorted({m.split(".")[1] for m in shapes}), "base_model_name_or_path": str(base_dir),
+    }))
+    return out
+
+
 def wait_for(predicate, timeout: float, what: str, every: float = 0.1):
     """Poll until `predicate()` is truthy (and return it); fail after `timeout` seconds."""
     deadline = time.monotonic() + timeout

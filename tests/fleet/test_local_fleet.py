@@ -35,8 +35,7 @@ from adapterctl.train import TrainingClient
 from adapterd_api.v1 import inference_pb2 as pb
 from adapterd_api.v1 import training_pb2 as tpb
 
-from tests.conftest import make_peft_adapter
-from tests.fleet.harness import FLEET, REPO, TRAINING_REPLICA, Fleet, wait_for
+from tests.fleet.harness import FLEET, REPO, TRAINING_REPLICA, Fleet, wait_for, write_lora
 
 pytestmark = pytest.mark.slow
 
@@ -68,7 +67,7 @@ def fleet(tmp_path_factory):
     )
     try:
         # While the replicas load: one PEFT adapter for the demo model, pushed under every name.
-        adapter = make_peft_adapter(base, run / "adapter", arch="llama", seed=7, rank=4)
+        adapter = write_lora(base, run / "adapter", rank=4, seed=7)
         out, _ = start.communicate(timeout=180)
         assert start.returncode == 0, out
         with f.client() as c:
