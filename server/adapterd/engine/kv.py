@@ -101,6 +101,11 @@ class Blocks:
     def cached(self) -> int:
         return len(self._cached)
 
+    @property
+    def evictable(self) -> int:
+        """Cached blocks nobody holds: reusable by a prefix hit, or for new tokens."""
+        return len(self._evictable)
+
     def blocks_for(self, tokens: int) -> int:
         return -(-tokens // self.block_size)
 
@@ -167,10 +172,6 @@ class Blocks:
                 del self._evictable[block]
                 self._free.append(block)
         return len(gone)
-
-    def drop_where(self, predicate) -> int:
-        """drop() for every salt that `predicate(salt)` accepts."""
-        return sum(self.drop(s) for s in {s for s in self._salt_of.values() if predicate(s)})
 
     def _uncache(self, block: int) -> None:
         h = self._hash_of.pop(block)

@@ -170,6 +170,8 @@ class EngineLoop:
         # Every accepted request until its last event: whatever happens, each gets one.
         self._live: dict[str, Submission] = {}
         self._cancels: set[str] = set()
+        self._forgets: list[str] = []  # adapter keys whose cached prefix blocks must go
+        self._salts: dict[str, set[bytes]] = {}  # adapter key -> prefix salts seen (engine thread)
         self._queued = 0  # inbox + waiting: what --max-queue bounds
         self._kick = False
         self._draining = False  # new submissions refused; queued and running ones go on
@@ -287,6 +289,19 @@ class EngineLoop:
             self._kick = True
             self._cv.notify()
         return Generation(self, sub, queue)
+
+    def forget_adapter(self, key: str) -> None:
+        """An adapter version was deleted or replaced: drop its cached prefix blocks (any
+        thread; done at the next step boundary). Running rows keep the blocks they hold."""
+        with self._cv:
+            self._forgets.append(key)
+            self._kick = True
+            self._cv.notify()
+
+    def kv_stats(self) -> dict[str, int] | None:
+        """The paged KV cache's blocks and prefix counters (None: the padded engine)."""
+        gen = self._gen
+        return gen.kv_stats() if isinstance(gen, PagedGenerator) else None
 
     def cancel(self, request_id: str) -> None:
         with self._cv:
@@ -417,10 +432,15 @@ class EngineLoop:
                 self._kick = False
                 inbox, self._inbox = self._inbox, []
                 cancels, self._cancels = self._cancels, set()
+                forgets, self._forgets = self._forgets, []
                 if self._stopping:
                     return  # _shutdown fails what is left with UNAVAILABLE
             for sub in inbox:
                 self._sched.add(sub)
+            for key in forgets:
+                for salt in self._salts.pop(key, ()):
+                    if isinstance(self._gen, PagedGenerator):
+                        self._gen.forget(salt)
             try:
                 for sub in inbox:
                     self._observe_arrival(sub)
@@ -428,6 +448,9 @@ class EngineLoop:
                 if self.metrics is not None:
                     self.metrics.set_queue_depth(self._queued)
                     self.metrics.set_batch_size(len(self._running))
+                    kv = self.kv_stats()
+                    if kv is not None:
+                        self.metrics.set_kv(**kv)
             except Exception:  # noqa: BLE001 - a bug here must not end the loop for everyone
                 log.exception("engine loop iteration failed; failing the running rows")
                 self._fail_running(errors.AdapterdError("internal error in the engine; see the server log"))
@@ -478,10 +501,13 @@ class EngineLoop:
                 except Exception:  # noqa: BLE001 - bookkeeping must not fail the request
                     log.exception("on_start callback failed for request %s", sub.id)
         try:
-            events = self._gen.add([
-                Request(s.id, s.prompt_ids, s.params, s.slot, salt=prefix_salt(s.tenant, s.key, s.adapter and s.adapter.name))
-                for s in subs
-            ])
+            requests = []
+            for s in subs:
+                salt = prefix_salt(s.tenant, s.key, s.adapter.name if s.adapter is not None else None)
+                if s.key is not None:
+                    self._salts.setdefault(s.key, set()).add(salt)
+                requests.append(Request(s.id, s.prompt_ids, s.params, s.slot, salt=salt))
+            events = self._gen.add(requests)
         except Exception:  # noqa: BLE001 - isolate the request that broke the group
             if len(subs) == 1:
                 log.exception("prefill failed for request %s", subs[0].id)

@@ -138,6 +138,14 @@ class PagedGenerator:
         self.rows = []
         return ids
 
+    def kv_stats(self) -> dict[str, int]:
+        b = self.blocks
+        cached_free = b.evictable
+        return {
+            "held": b.held, "cached": cached_free, "free": b.num_blocks - b.held - cached_free,
+            "tokens": sum(r.computed for r in self.rows), "lookups": b.stats.lookups, "hits": b.stats.hits,
+        }
+
     def forget(self, salt: bytes) -> int:
         """Drop the cached prefix blocks of `salt` (an adapter version deleted)."""
         return self.blocks.drop(salt)
