@@ -24,6 +24,7 @@ import math
 import os
 import re
 import struct
+import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +37,14 @@ ADAPTER_FILES = (CONFIG_FILE, WEIGHTS_FILE)  # what the registry stores, in this
 MAX_CONFIG_BYTES = 1 << 20  # a LoRA config is a few KiB
 MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit; far above any real adapter's header
 PEFT_PREFIX = "base_model.model."
+MAX_DESCRIPTION_CHARS = 4096
+
+# Bounds that keep an adapter's outputs finite. A real adapter's scaling (lora_alpha / r, or
+# / sqrt(r) with rsLoRA) is about 0.5-16 and its weights well below 1; these are far above
+# that and far below where float16 (max 65504) or float32 overflows.
+MAX_SCALING = 1e4
+MAX_ABS_WEIGHT = 1e4  # |lora_A| and |scaling * lora_B|, element-wise
+MAX_DELTA = 1e4  # |scaling * (B @ A)| per weight, bounded by scaling * r * max|A| * max|B|
 
 NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 TENANT_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
@@ -49,6 +58,9 @@ DTYPE_SIZES = {
 }
 SERVABLE_DTYPES = ("F32", "F16", "BF16", "F64")
 
+# What a tensor key of a PEFT adapter is made of (module paths are Python attribute names
+# and layer numbers); anything else cannot name a module, and is never echoed as it is.
+_TENSOR_KEY = re.compile(r"[A-Za-z0-9_.-]{1,512}")
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.(?P<adapter>[A-Za-z0-9_-]+))?\.weight$")
 
 # LoRA options that change the forward pass (or what is in the file) beyond plain
@@ -76,8 +88,52 @@ class CheckError(Exception):
     """An adapter or a name that the server would refuse. Subclasses mirror adapterd.errors."""
 
 
+# ---- echoing input ------------------------------------------------------------------------
+
+QUOTE_CHARS = 120
+
+
+def quote(value, limit: int = QUOTE_CHARS) -> str:
+    """`value` as an error message may echo it: repr() (so control characters come out
+    escaped), cut to `limit` characters. A message never carries a whole hostile input: a
+    100,000-character name must not become a 100 KB status message."""
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    size = f"{len(value)} characters" if isinstance(value, str) else f"{len(text)} characters as text"
+    return f"{text[:limit]}... ({size})"
+
+
+def control_character(text: str) -> tuple[int, str] | None:
+    """(position, character) of the first character that a terminal would act on instead of
+    showing (C0 and C1 controls, DEL, line and paragraph separators), or None."""
+    for i, ch in enumerate(text):
+        if unicodedata.category(ch) in ("Cc", "Zl", "Zp"):
+            return i, ch
+    return None
+
+
+def check_text(text: str, field: str, max_chars: int = MAX_DESCRIPTION_CHARS) -> str:
+    """A free-text field shown to other users (a description): bounded, and one line of
+    printable text, so it cannot move another user's cursor, retitle or clear a terminal."""
+    if len(text) > max_chars:
+        raise InvalidText(f"{field} is {len(text)} characters; at most {max_chars} are allowed")
+    found = control_character(text)
+    if found is not None:
+        i, ch = found
+        raise InvalidText(
+            f"{field} holds a control character (U+{ord(ch):04X} at position {i}); "
+            "use one line of printable text"
+        )
+    return text
+
+
 class InvalidName(CheckError):
     pass
+
+
+class InvalidText(CheckError):
+    """A free-text field (a description) that cannot be shown as it is."""
 
 
 class InvalidAdapter(CheckError):
@@ -115,7 +171,7 @@ def check_name(name: str, what: str = "adapter name") -> str:
     """A registry name: `[a-z0-9][a-z0-9._-]{0,63}`, never a path or anything like one."""
     if not isinstance(name, str) or not NAME_RE.fullmatch(name) or ".." in name:
         raise InvalidName(
-            f"{what} {name!r} is not valid: use 1-64 characters of a-z, 0-9, '.', '_', '-', "
+            f"{what} {quote(name)} is not valid: use 1-64 characters of a-z, 0-9, '.', '_', '-', "
             "starting with a letter or digit, without '..'"
         )
     return name
@@ -128,8 +184,13 @@ def parse_ref(ref: str) -> tuple[str | None, str, int | None]:
     rest, version = ref, None
     if "@" in ref:
         rest, _, v = ref.rpartition("@")
-        if not v.isdigit() or not v.isascii() or int(v) < 1 or len(v) > 9:
-            raise InvalidName(f"adapter reference {ref!r}: the version after '@' must be a number >= 1")
+        # Exactly the digits a version is printed with: "name@01" is not another spelling of
+        # "name@1" (one ref, one spelling: routing and caches compare them as strings).
+        if not (v.isascii() and v.isdigit() and len(v) <= 9 and v[0] != "0"):
+            raise InvalidName(
+                f"adapter reference {quote(ref)}: the version after '@' must be a number >= 1, "
+                "without leading zeros"
+            )
         version = int(v)
     tenant = None
     if "/" in rest:
@@ -162,39 +223,65 @@ class LoraSettings:
 def parse_config(config_bytes: bytes, *, max_rank: int | None = None) -> LoraSettings:
     if len(config_bytes) > MAX_CONFIG_BYTES:
         raise InvalidAdapter(f"{CONFIG_FILE} is {len(config_bytes)} bytes; a LoRA config is a few KiB")
-    try:
-        cfg = json.loads(config_bytes)
-    except (UnicodeDecodeError, ValueError) as e:
-        raise InvalidAdapter(f"{CONFIG_FILE} is not valid JSON: {e}") from e
+    cfg = _load_json(config_bytes, CONFIG_FILE, InvalidAdapter)
     if not isinstance(cfg, dict):
         raise InvalidAdapter(f"{CONFIG_FILE} must be a JSON object, got {type(cfg).__name__}")
     peft_type = cfg.get("peft_type")
     if peft_type is None:
         raise InvalidAdapter(f"{CONFIG_FILE} has no peft_type: not a PEFT adapter config")
-    if str(peft_type).upper() != "LORA":
-        raise UnsupportedAdapter(f"peft_type {peft_type!r} is not supported: only LORA adapters can be served")
+    if not isinstance(peft_type, str) or peft_type.upper() != "LORA":
+        raise UnsupportedAdapter(f"peft_type {quote(peft_type)} is not supported: only LORA adapters can be served")
+    if peft_type != "LORA":  # PEFT itself reads only "LORA" (PeftType is case-sensitive)
+        raise InvalidAdapter(f'{CONFIG_FILE}: peft_type must be "LORA", as PEFT writes it; got {quote(peft_type)}')
     for option, why in _UNSERVABLE_OPTIONS.items():
         if cfg.get(option):
             raise UnsupportedAdapter(f"{CONFIG_FILE}: {why}")
     bias = cfg.get("bias", "none")
     if bias not in ("none", None):
-        raise UnsupportedAdapter(f"{CONFIG_FILE}: bias={bias!r} trains base biases; only bias='none' can be served")
+        raise UnsupportedAdapter(f"{CONFIG_FILE}: bias={quote(bias)} trains base biases; only bias='none' can be served")
     r = cfg.get("r")
     if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-        raise InvalidAdapter(f"{CONFIG_FILE}: r must be a positive integer, got {r!r}")
+        raise InvalidAdapter(f"{CONFIG_FILE}: r must be a positive integer, got {quote(r)}")
     if max_rank is not None and r > max_rank:
         raise UnsupportedAdapter(f"rank r={r} is above this server's max rank {max_rank} (--max-rank)")
     alpha = cfg.get("lora_alpha", r)
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
-        raise InvalidAdapter(f"{CONFIG_FILE}: lora_alpha must be a number, got {alpha!r}")
+        raise InvalidAdapter(f"{CONFIG_FILE}: lora_alpha must be a number, got {quote(alpha)}")
     rslora = cfg.get("use_rslora", False)
     if not isinstance(rslora, bool):
-        raise InvalidAdapter(f"{CONFIG_FILE}: use_rslora must be true or false, got {rslora!r}")
+        raise InvalidAdapter(f"{CONFIG_FILE}: use_rslora must be true or false, got {quote(rslora)}")
     targets = cfg.get("target_modules")
-    if targets is not None and not isinstance(targets, (str, list)):
-        raise InvalidAdapter(f"{CONFIG_FILE}: target_modules must be a list or a string, got {targets!r}")
+    if targets is not None and not (
+        isinstance(targets, str) or (isinstance(targets, list) and all(isinstance(t, str) for t in targets))
+    ):
+        raise InvalidAdapter(f"{CONFIG_FILE}: target_modules must be a list of names or a string, got {quote(targets)}")
     base = cfg.get("base_model_name_or_path") or ""
-    return LoraSettings(r, float(alpha), rslora, targets, str(base), cfg)
+    settings = LoraSettings(r, float(alpha), rslora, targets, str(base), cfg)
+    check_scaling(settings.scaling, f"{CONFIG_FILE}: lora_alpha {alpha:g} with r={r}"
+                  + (" (rsLoRA: lora_alpha / sqrt(r))" if rslora else " (lora_alpha / r)"))
+    return settings
+
+
+def check_scaling(scaling: float, what: str) -> None:
+    """A scaling the forward can multiply by without overflowing (`what` says where it came from)."""
+    if not (math.isfinite(scaling) and abs(scaling) <= MAX_SCALING):
+        raise InvalidAdapter(
+            f"{what} gives a LoRA scaling of {scaling:g}, above the limit of {MAX_SCALING:g}: "
+            "its outputs would not be finite numbers; lower lora_alpha"
+        )
+
+
+def _load_json(data: bytes, what: str, error: type[CheckError], **kw):
+    """json.loads, with every way it can fail as `error` naming `what`: not UTF-8, not JSON,
+    or nested deeper than the parser recurses (a header of 100,000 '[')."""
+    try:
+        return json.loads(data.decode("utf-8"), **kw)
+    except UnicodeDecodeError as e:
+        raise error(f"{what} is not valid JSON: not UTF-8 ({e.reason} at byte {e.start})") from e
+    except RecursionError as e:
+        raise error(f"{what} is not valid JSON for this server: it nests arrays or objects too deeply") from e
+    except ValueError as e:
+        raise error(f"{what} is not valid JSON: {e}") from e
 
 
 # ---- safetensors header -------------------------------------------------------------------
@@ -220,7 +307,7 @@ def _no_duplicate_keys(pairs):
     out = {}
     for k, v in pairs:
         if k in out:
-            raise CorruptSafetensors(f"{WEIGHTS_FILE}: header repeats the key {k!r}")
+            raise CorruptSafetensors(f"{WEIGHTS_FILE}: header repeats the key {quote(k)}")
         out[k] = v
     return out
 
@@ -245,19 +332,31 @@ def read_safetensors_header(source: bytes | memoryview | Path, *, max_header: in
         header = bytes(source[8 : 8 + n])
     if len(header) != n:
         raise CorruptSafetensors(f"{WEIGHTS_FILE} is truncated inside its header")
-    try:
-        obj = json.loads(header.decode("utf-8"), object_pairs_hook=_no_duplicate_keys)
-    except (UnicodeDecodeError, ValueError) as e:
-        raise CorruptSafetensors(f"{WEIGHTS_FILE}: header is not valid JSON: {e}") from e
+    return _parse_header(header, file_size)
+
+
+def check_safetensors_start(start: bytes, file_size: int, *, max_header: int = MAX_HEADER_BYTES) -> SafetensorsIndex | None:
+    """The same checks on the first bytes of a `file_size`-byte safetensors file as they
+    arrive (an upload): raises as soon as they show the file is invalid, returns the index
+    once `start` holds the whole header, None while it needs more bytes."""
+    if file_size < 8 or len(start) >= 8:
+        n = _header_length(bytes(start[:8]), file_size, max_header)
+        if len(start) >= 8 + n:
+            return _parse_header(bytes(start[8 : 8 + n]), file_size)
+    return None
+
+
+def _parse_header(header: bytes, file_size: int) -> SafetensorsIndex:
+    obj = _load_json(header, f"{WEIGHTS_FILE}: header", CorruptSafetensors, object_pairs_hook=_no_duplicate_keys)
     if not isinstance(obj, dict):
         raise CorruptSafetensors(f"{WEIGHTS_FILE}: header must be a JSON object")
     metadata = obj.pop("__metadata__", None) or {}
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise CorruptSafetensors(f"{WEIGHTS_FILE}: __metadata__ must map strings to strings")
-    data_size = file_size - 8 - n
+    data_size = file_size - 8 - len(header)
     tensors = {key: _tensor_info(key, entry) for key, entry in obj.items()}
     _check_tiling(tensors, data_size)
-    return SafetensorsIndex(8 + n, tensors, metadata, file_size)
+    return SafetensorsIndex(8 + len(header), tensors, metadata, file_size)
 
 
 def _header_length(prefix: bytes, file_size: int, max_header: int) -> int:
@@ -277,21 +376,21 @@ def _header_length(prefix: bytes, file_size: int, max_header: int) -> int:
 
 def _tensor_info(key: str, entry) -> TensorInfo:
     if not isinstance(entry, dict):
-        raise CorruptSafetensors(f"{WEIGHTS_FILE}: header entry {key!r} is not an object")
+        raise CorruptSafetensors(f"{WEIGHTS_FILE}: header entry {quote(key)} is not an object")
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
     if dtype not in DTYPE_SIZES:
-        raise CorruptSafetensors(f"{WEIGHTS_FILE}: tensor {key!r} has an unknown dtype {dtype!r}")
+        raise CorruptSafetensors(f"{WEIGHTS_FILE}: tensor {quote(key)} has an unknown dtype {quote(dtype)}")
     if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
-        raise CorruptSafetensors(f"{WEIGHTS_FILE}: tensor {key!r} has an invalid shape {shape!r}")
+        raise CorruptSafetensors(f"{WEIGHTS_FILE}: tensor {quote(key)} has an invalid shape {quote(shape)}")
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)):
-        raise CorruptSafetensors(f"{WEIGHTS_FILE}: tensor {key!r} has invalid data_offsets {offsets!r}")
+        raise CorruptSafetensors(f"{WEIGHTS_FILE}: tensor {quote(key)} has invalid data_offsets {quote(offsets)}")
     begin, end = offsets
     if begin > end:
-        raise CorruptSafetensors(f"{WEIGHTS_FILE}: tensor {key!r} has data_offsets that end before they begin")
+        raise CorruptSafetensors(f"{WEIGHTS_FILE}: tensor {quote(key)} has data_offsets that end before they begin")
     expected = math.prod(shape) * DTYPE_SIZES[dtype]
     if end - begin != expected:
         raise CorruptSafetensors(
-            f"{WEIGHTS_FILE}: tensor {key!r} of shape {shape} and dtype {dtype} needs {expected} bytes, "
+            f"{WEIGHTS_FILE}: tensor {quote(key)} of shape {shape} and dtype {dtype} needs {expected} bytes, "
             f"its data_offsets give {end - begin}"
         )
     return TensorInfo(dtype, tuple(shape), begin, end)
@@ -305,9 +404,9 @@ def _check_tiling(tensors: dict[str, TensorInfo], data_size: int) -> None:
     pos = 0
     for key, info in sorted(tensors.items(), key=lambda kv: (kv[1].begin, kv[1].end)):
         if info.begin < pos:
-            raise CorruptSafetensors(f"{WEIGHTS_FILE}: tensor {key!r} overlaps the tensor before it")
+            raise CorruptSafetensors(f"{WEIGHTS_FILE}: tensor {quote(key)} overlaps the tensor before it")
         if info.begin > pos:
-            raise CorruptSafetensors(f"{WEIGHTS_FILE}: a gap of unindexed bytes before tensor {key!r}")
+            raise CorruptSafetensors(f"{WEIGHTS_FILE}: a gap of unindexed bytes before tensor {quote(key)}")
         pos = info.end
     if pos > data_size:
         raise CorruptSafetensors(
@@ -368,10 +467,10 @@ def check_adapter(
         for key, info in ((a_key, a), (b_key, b)):
             if info.dtype not in SERVABLE_DTYPES:
                 raise UnsupportedAdapter(
-                    f"tensor {key!r} has dtype {info.dtype}; LoRA weights must be one of {', '.join(SERVABLE_DTYPES)}"
+                    f"tensor {quote(key)} has dtype {info.dtype}; LoRA weights must be one of {', '.join(SERVABLE_DTYPES)}"
                 )
             if len(info.shape) != 2:
-                raise InvalidAdapter(f"tensor {key!r} has shape {list(info.shape)}; a LoRA matrix is 2-D")
+                raise InvalidAdapter(f"tensor {quote(key)} has shape {list(info.shape)}; a LoRA matrix is 2-D")
         if a.shape[0] != settings.rank or b.shape[1] != settings.rank:
             raise InvalidAdapter(
                 f"module {path}: lora_A {list(a.shape)} and lora_B {list(b.shape)} do not have the rank "
@@ -380,7 +479,25 @@ def check_adapter(
         modules[path] = LoraModule(path, a_key, b_key, a.shape[1], b.shape[0])
     if linear_shapes is not None:
         _check_fits_base(modules, linear_shapes)
+    _check_targets_agree(settings.target_modules, modules)
     return CheckedAdapter(settings, index, modules, nbytes)
+
+
+def _check_targets_agree(targets: list[str] | str | None, modules: Mapping[str, LoraModule]) -> None:
+    """Every module with weights is one that adapter_config.json's target_modules names, as
+    PEFT matches them (a module is targeted when its path is a name in the list or ends with
+    "." + one). PEFT loading this adapter would leave out the weights of any other module, so
+    serving them would give other outputs than PEFT. A string (a regular expression, or
+    "all-linear") is not checked: running a tenant's regular expression is not safe."""
+    if not isinstance(targets, list):
+        return
+    for path in modules:
+        if not any(path == t or path.endswith("." + t) for t in targets):
+            raise InvalidAdapter(
+                f"{WEIGHTS_FILE} holds weights for module {path}, which target_modules "
+                f"{quote(targets)} in {CONFIG_FILE} does not name: PEFT would not load them; "
+                "fix target_modules or save the adapter again with PEFT"
+            )
 
 
 def _pair_tensors(index: SafetensorsIndex) -> dict[str, tuple[str, str]]:
@@ -388,6 +505,11 @@ def _pair_tensors(index: SafetensorsIndex) -> dict[str, tuple[str, str]]:
     found: dict[str, dict[str, str]] = {}
     adapter_names = set()
     for key in index.tensors:
+        if not _TENSOR_KEY.fullmatch(key):
+            raise InvalidAdapter(
+                f"{WEIGHTS_FILE}: tensor key {quote(key)} is not a module path "
+                "(1-512 characters of letters, digits, '_', '.', '-')"
+            )
         path = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
         m = _LORA_KEY.match(path)
         if m is None:
@@ -411,15 +533,15 @@ def _pair_tensors(index: SafetensorsIndex) -> dict[str, tuple[str, str]]:
 
 def _unexpected_tensor(key: str) -> CheckError:
     if "lora_embedding_" in key:
-        return UnknownTargetModule(f"tensor {key!r}: LoRA on embeddings is not supported, only on linear layers")
+        return UnknownTargetModule(f"tensor {quote(key)}: LoRA on embeddings is not supported, only on linear layers")
     if "lora_magnitude_vector" in key:
-        return UnsupportedAdapter(f"tensor {key!r}: DoRA magnitude vectors are not supported")
+        return UnsupportedAdapter(f"tensor {quote(key)}: DoRA magnitude vectors are not supported")
     if ".lora_B" in key and key.endswith(".bias"):
-        return UnsupportedAdapter(f"tensor {key!r}: a lora_B bias (lora_bias) is not supported")
+        return UnsupportedAdapter(f"tensor {quote(key)}: a lora_B bias (lora_bias) is not supported")
     if "modules_to_save" in key or "trainable_tokens" in key:
-        return UnsupportedAdapter(f"tensor {key!r}: only LoRA A/B weights can be served, not full module copies")
+        return UnsupportedAdapter(f"tensor {quote(key)}: only LoRA A/B weights can be served, not full module copies")
     return UnsupportedAdapter(
-        f"tensor {key!r} is not a LoRA A/B weight (expected '<module>.lora_A.weight' and '.lora_B.weight'); "
+        f"tensor {quote(key)} is not a LoRA A/B weight (expected '<module>.lora_A.weight' and '.lora_B.weight'); "
         "bias and other trained parameters are not supported"
     )
 

@@ -29,6 +29,7 @@ from google.protobuf.json_format import MessageToDict
 
 from adapterctl import adapter_check as check
 from adapterctl.client import Client
+from adapterctl.terminal import json_line, safe
 
 CHUNK_BYTES = 1 << 20
 PROGRESS_FROM_BYTES = 8 << 20  # a progress bar for files this large
@@ -185,12 +186,13 @@ def run_push(args: argparse.Namespace) -> int:
                 bar.done()
     except check.CheckError as e:
         code = check_code(e)
-        print(f"adapterctl: {code.name}: {e} (checked locally; nothing was uploaded)", file=sys.stderr)
+        print(f"adapterctl: {code.name}: {safe(e)} (checked locally; nothing was uploaded)", file=sys.stderr)
         return 10 + code.value[0]
     if args.json:
         print(_json(adapter))
     else:
-        print(f"pushed {adapter.ref} (sha256 {adapter.sha256[:12]}, {_size(adapter.size_bytes)}, rank {adapter.rank})")
+        print(f"pushed {safe(adapter.ref)} (sha256 {safe(adapter.sha256[:12])}, {_size(adapter.size_bytes)}, "
+              f"rank {adapter.rank})")
     return 0
 
 
@@ -222,7 +224,7 @@ def run_show(args: argparse.Namespace) -> int:
             shown = str(value).removeprefix(key.upper() + "_").lower()
         else:
             shown = str(value)
-        print(f"{key:<{width}}  {shown or '-'}")
+        print(f"{safe(key):<{width}}  {safe(shown) or '-'}")
     return 0
 
 
@@ -230,7 +232,7 @@ def run_delete(args: argparse.Namespace) -> int:
     with Client.from_args(args) as client:
         deleted = AdaptersClient(client).delete(args.ref)
     for a in deleted:
-        print(f"deleted {a.ref}")
+        print(f"deleted {safe(a.ref)}")
     return 0
 
 
@@ -241,16 +243,25 @@ COLUMNS = ("NAME", "VERSION", "TENANT", "RANK", "SIZE", "WHERE", "REQUESTS", "SO
 
 
 def table(adapters: list[pb.Adapter]) -> str:
-    rows = [COLUMNS] + [(
+    rows = [COLUMNS] + [tuple(safe(cell) for cell in (
         a.name, str(a.version), a.tenant, str(a.rank), _size(a.size_bytes),
-        pb.Residence.Name(a.residence).removeprefix("RESIDENCE_").lower(), str(a.request_count),
-        pb.Source.Name(a.source).removeprefix("SOURCE_").lower() + (f" ({a.job_id})" if a.job_id else ""),
-        pb.Visibility.Name(a.visibility).removeprefix("VISIBILITY_").lower(),
+        _enum_name(pb.Residence, a.residence, "RESIDENCE_"), str(a.request_count),
+        _enum_name(pb.Source, a.source, "SOURCE_") + (f" ({a.job_id})" if a.job_id else ""),
+        _enum_name(pb.Visibility, a.visibility, "VISIBILITY_"),
         time.strftime("%Y-%m-%d %H:%M", time.localtime(a.created_at.seconds)),
         a.description if len(a.description) <= 40 else a.description[:39] + "…",
-    ) for a in adapters]
+    )) for a in adapters]
     widths = [max(len(r[i]) for r in rows) for i in range(len(COLUMNS))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows)
+
+
+def _enum_name(enum, value: int, prefix: str) -> str:
+    """"gpu" for RESIDENCE_GPU; the number for a value this client does not know (a newer
+    server), instead of failing the whole listing."""
+    try:
+        return enum.Name(value).removeprefix(prefix).lower()
+    except ValueError:
+        return str(value)
 
 
 def _size(n: int) -> str:
@@ -266,7 +277,7 @@ def _dict(message) -> dict:
 
 
 def _json(message) -> str:
-    return json.dumps(_dict(message), ensure_ascii=False)
+    return json_line(_dict(message))
 
 
 class ProgressBar:

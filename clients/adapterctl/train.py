@@ -19,7 +19,6 @@ Unset hyperparameters take the server's defaults (those of the hosted fine-tunin
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from collections.abc import Iterable, Iterator
@@ -30,6 +29,7 @@ from adapterd_api.v1 import training_pb2_grpc as pb_grpc
 from google.protobuf.json_format import MessageToDict
 
 from adapterctl.client import Client
+from adapterctl.terminal import json_line, safe
 
 CHUNK_BYTES = 1 << 20
 EXIT_JOB_FAILED = 1  # the job failed or was cancelled: the reason is on stderr
@@ -177,10 +177,10 @@ def run_train(args: argparse.Namespace) -> int:
         job = training.create(args.data, name=args.name, description=args.description, validation=args.validation,
                               retention=args.retention_file, no_early_stopping=args.no_early_stopping or None,
                               **hyperparameters)
-        print(f"job {job.id}: {STATE_NAMES[job.state]} ({job.train_examples} training, "
+        print(f"job {safe(job.id)}: {_state(job.state)} ({job.train_examples} training, "
               f"{job.validation_examples} validation examples)")
         if not args.wait:
-            print(f"follow it with: adapterctl jobs watch {job.id}")
+            print(f"follow it with: adapterctl jobs watch {safe(job.id)}")
             return 0
         return follow(training, job.id)
 
@@ -196,7 +196,7 @@ def run_list(args: argparse.Namespace) -> int:
     rows = [("ID", "NAME", "STATE", "PROGRESS", "LOSS", "ADAPTER", "CREATED")]
     for j in jobs:
         progress = f"{j.step}/{j.total_steps}" if j.total_steps else "-"
-        rows.append((j.id, j.name, STATE_NAMES[j.state], progress, f"{j.loss:.4f}" if j.HasField("loss") else "-",
+        rows.append((j.id, j.name, _state(j.state), progress, f"{j.loss:.4f}" if j.HasField("loss") else "-",
                      j.adapter or "-", _when(j.created_at)))
     print(_table(rows, numbers=False))
     return 0
@@ -215,7 +215,7 @@ def run_show(args: argparse.Namespace) -> int:
 def run_cancel(args: argparse.Namespace) -> int:
     with Client.from_args(args) as client:
         job = TrainingClient(client).cancel(args.job_id)
-    print(f"job {job.id}: {STATE_NAMES[job.state]}" + (" (stops within one step)" if job.state == pb.RUNNING else ""))
+    print(f"job {safe(job.id)}: {_state(job.state)}" + (" (stops within one step)" if job.state == pb.RUNNING else ""))
     return 0
 
 
@@ -235,16 +235,17 @@ def follow(training: TrainingClient, job_id: str, out=None) -> int:
         elif event.type == pb.EVAL:
             bar.note(f"step {event.step}/{event.total_steps}: validation loss {event.eval_loss:.4f}")
         elif event.type == pb.MESSAGE:
-            bar.note(event.message)
+            bar.note(safe(event.message))
         elif event.type == pb.STATE:
-            bar.note(f"{STATE_NAMES[event.state]}" + (f": {event.message}" if event.message else ""))
+            bar.note(_state(event.state) + (f": {safe(event.message)}" if event.message else ""))
     bar.close()
     job = training.get(job_id)
     if job.state != pb.SUCCEEDED:
-        print(f"adapterctl: job {job.id} {STATE_NAMES[job.state]}: {job.error}", file=sys.stderr)
+        print(f"adapterctl: job {safe(job.id)} {_state(job.state)}: {safe(job.error)}", file=sys.stderr)
         return EXIT_JOB_FAILED
     print(evaluation_table(job), file=out)
-    print(f"\nadapter {job.adapter} is served now: adapterctl generate --adapter {job.adapter} PROMPT", file=out)
+    adapter = safe(job.adapter)
+    print(f"\nadapter {adapter} is served now: adapterctl generate --adapter {adapter} PROMPT", file=out)
     return 0
 
 
@@ -297,7 +298,7 @@ def evaluation_table(job: pb.Job) -> str:
     """Adapter and base model side by side, per evaluated split."""
     blocks = []
     for split in job.evaluation:
-        rows = [(f"{split.split} ({split.examples} examples)", "adapter", "base", "change")]
+        rows = [(f"{safe(split.split)} ({split.examples} examples)", "adapter", "base", "change")]
         rows.append(_row("loss", split.adapter.loss, split.base.loss))
         rows.append(_row("perplexity", split.adapter.perplexity, split.base.perplexity))
         for field, label in ROUGE:
@@ -315,10 +316,10 @@ def evaluation_table(job: pb.Job) -> str:
 def describe(job: pb.Job) -> str:
     h = job.hyperparameters
     lines = [
-        f"job          {job.id}",
-        f"name         {job.name}" + (f" ({job.description})" if job.description else ""),
-        f"state        {STATE_NAMES[job.state]}" + (f": {job.error}" if job.error else ""),
-        f"adapter      {job.adapter or '-'}",
+        f"job          {safe(job.id)}",
+        f"name         {safe(job.name)}" + (f" ({safe(job.description)})" if job.description else ""),
+        f"state        {_state(job.state)}" + (f": {safe(job.error)}" if job.error else ""),
+        f"adapter      {safe(job.adapter or '-')}",
         f"created      {_when(job.created_at)}"
         + (f", started {_when(job.started_at)}" if job.started_at else "")
         + (f", finished {_when(job.finished_at)}" if job.finished_at else ""),
@@ -326,7 +327,7 @@ def describe(job: pb.Job) -> str:
         f"{job.retention_examples} retention",
         f"progress     step {job.step}/{job.total_steps}" + (f", loss {job.loss:.4f}" if job.HasField("loss") else ""),
         f"settings     epochs {h.epochs:g}, lr {h.learning_rate:g}, rank {h.rank}, alpha {h.alpha:g}, "
-        f"dropout {h.dropout:g}, targets {','.join(h.target_modules)}, batch {h.batch_size} x {h.grad_accum}, "
+        f"dropout {h.dropout:g}, targets {safe(','.join(h.target_modules))}, batch {h.batch_size} x {h.grad_accum}, "
         f"max-seq-len {h.max_seq_len}, seed {h.seed}, early stopping {'off' if h.no_early_stopping else 'on'}",
     ]
     if job.HasField("training"):
@@ -348,6 +349,7 @@ def _row(label: str, adapter: float, base: float) -> tuple[str, ...]:
 
 def _table(rows: list[tuple[str, ...]], numbers: bool = True) -> str:
     """Aligned columns; with `numbers`, every column but the first is right-aligned."""
+    rows = [tuple(safe(c) for c in r) for r in rows]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join(
         "  ".join(c.rjust(w) if numbers and i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))).rstrip()
@@ -356,7 +358,7 @@ def _table(rows: list[tuple[str, ...]], numbers: bool = True) -> str:
 
 
 def _clip(text: str, n: int = 70) -> str:
-    text = " ".join(text.split())
+    text = safe(" ".join(text.split()))
     return text if len(text) <= n else text[: n - 1] + "…"
 
 
@@ -369,5 +371,10 @@ def _when(t: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else "-"
 
 
+def _state(state: int) -> str:
+    """"running"; the number for a state this client does not know (a newer server)."""
+    return STATE_NAMES.get(state, str(state))
+
+
 def _json(message) -> str:
-    return json.dumps(MessageToDict(message, preserving_proto_field_name=True), ensure_ascii=False)
+    return json_line(MessageToDict(message, preserving_proto_field_name=True))

@@ -7,7 +7,8 @@
 Shutdown, in order: health NOT_SERVING (with --drain-delay, new calls are still served
 that long, while balancers notice); new calls refused with UNAVAILABLE; in-flight calls
 run to the end of the grace period (`server.stop(grace)` cancels what is left); then the
-engine loop stops.
+engine loop stops. A signal during the drain exits at once (status 128 + the signal),
+training workers killed first: an operator who sends it again means it.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from adapterd.metrics import Metrics
 from adapterd.registry.store import RegistryResolver, open_registry
 from adapterd.services import adapters, inference, training
 from adapterd.training import open_jobs
+from adapterd.uploads import Uploads
 
 log = logging.getLogger(__name__)
 
@@ -118,15 +120,17 @@ def create_server(
     lifecycle = lifecycle or Lifecycle(engine)
     metrics = metrics or getattr(engine, "metrics", None) or make_metrics(config, metrics_registry)
     limiter = TenantLimiter.from_auth(config.auth.tenants, on_reject=metrics.quota_rejected)
+    uploads = Uploads(config.uploads)  # pushes and training uploads share the places
     server = grpc.aio.server(interceptors=interceptor_chain(config, metrics=metrics))
     # One line per service: register(server, ...) -> its full name (for health, reflection).
     services: list[Callable[[], str]] = [
         lambda: inference.register(server, engine, limiter),
     ]
     if registry is not None:
-        services.append(lambda: adapters.register(server, registry, _registry_resolver(engine), _residence(engine)))
+        services.append(lambda: adapters.register(server, registry, _registry_resolver(engine), _residence(engine),
+                                                  uploads))
     if jobs is not None:
-        services.append(lambda: training.register(server, jobs, limiter))
+        services.append(lambda: training.register(server, jobs, limiter, uploads))
     names = [register() for register in services]
     health_pb2_grpc.add_HealthServicer_to_server(lifecycle.health, server)
     reflection.enable_server_reflection(
@@ -189,9 +193,16 @@ async def serve(config: Config) -> int:
         _write_atomically(config.server.port_file, f"{port}\n")
 
     stop = asyncio.Event()
+    draining = asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    def on_signal(sig: signal.Signals) -> None:
+        if draining.is_set():
+            _exit_now(sig, jobs)
+        stop.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal, sig)
     started = asyncio.ensure_future(asyncio.to_thread(engine.wait_ready))
     stopping = asyncio.ensure_future(stop.wait())
     await asyncio.wait({started, stopping}, return_when=asyncio.FIRST_COMPLETED)
@@ -211,14 +222,26 @@ async def serve(config: Config) -> int:
             await asyncio.wait({again}, timeout=config.server.drain_delay_s)
             again.cancel()
 
-    log.info("draining: new calls get UNAVAILABLE; in-flight calls have %.0f s", config.server.grace_period_s)
+    log.info("draining: new calls get UNAVAILABLE; in-flight calls have %.0f s (signal again to exit now)",
+             config.server.grace_period_s)
+    draining.set()
     await lifecycle.drain()
     await server.stop(config.server.grace_period_s)
     await asyncio.to_thread(jobs.close)  # running jobs are failed: the server is going away
-    engine.stop(timeout=30)
+    await asyncio.to_thread(engine.stop, 30)  # off the loop, which must still see a second signal
     metrics.stop_http_server()
     log.info("stopped")
     return status
+
+
+def _exit_now(sig: signal.Signals, jobs) -> None:
+    """A signal during the drain: stop waiting for anything. Workers run in their own
+    sessions (a Ctrl-C at the terminal is not theirs), so they are killed first, or they
+    would outlive the server."""
+    log.warning("%s while draining: exiting now, in-flight calls are cut off", sig.name)
+    jobs.kill_workers()
+    logging.shutdown()
+    os._exit(128 + sig)
 
 
 def _registry_resolver(engine: EngineLoop) -> RegistryResolver | None:

@@ -13,6 +13,10 @@ for the K adapters with the most traffic and folds the rest into "other":
 
 An adapter that drops out of the top K has its series removed, so the number of series
 stays bounded by (K + 1) per label set however many adapters come and go.
+
+The HTTP endpoint serves /metrics and nothing else (404 on every other path). The series
+name tenants and adapters, so the port binds --metrics-host (by default --host, loopback)
+and must never be reachable from outside the cluster: see README.md, "Metrics".
 """
 
 from __future__ import annotations
@@ -20,11 +24,13 @@ from __future__ import annotations
 import contextlib
 import importlib.metadata
 import platform
+import socket
 import threading
 from collections.abc import Callable, Mapping
+from socketserver import ThreadingMixIn
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
-from prometheus_client.exposition import start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, make_wsgi_app
 
 from adapterd import __version__
 from adapterd.tenancy import DEFAULT_TENANT
@@ -211,6 +217,18 @@ class Metrics:
         self.quota_rejections = Counter(
             "adapterd_quota_rejections", "Calls refused by a per-tenant limit.",
             ["tenant", "limit"], registry=r)
+        self.kv_blocks = Gauge(
+            "adapterd_kv_blocks", "Paged KV cache blocks: held by running rows, cached for prefix reuse "
+            "(nobody holds them), free.", ["state"], registry=r)
+        self.kv_usage = Gauge(
+            "adapterd_kv_cache_usage_ratio", "Fraction of the KV cache's blocks held by running rows.", registry=r)
+        self.kv_tokens = Gauge(
+            "adapterd_kv_tokens", "Tokens whose keys and values the running rows hold.", registry=r)
+        self.prefix_lookups = Counter(
+            "adapterd_prefix_cache_lookups", "Full prompt blocks looked up in the prefix cache.", registry=r)
+        self.prefix_hits = Counter(
+            "adapterd_prefix_cache_hits", "Full prompt blocks found in the prefix cache (hit rate: "
+            "hits / lookups).", registry=r)
         self.build_info = Info("adapterd_build", "Versions this server runs.", registry=r)
         self.build_info.info(_build_labels())
 
@@ -299,6 +317,15 @@ class Metrics:
     def set_batch_size(self, n: int) -> None:
         self.batch_size.set(n)
 
+    def set_kv(self, *, held: int, cached: int, free: int, tokens: int, lookups: int, hits: int) -> None:
+        """The paged KV cache now; `lookups` and `hits` are totals since start."""
+        for state, n in (("held", held), ("cached", cached), ("free", free)):
+            self.kv_blocks.labels(state).set(n)
+        self.kv_usage.set(held / max(1, held + cached + free))
+        self.kv_tokens.set(tokens)
+        self.prefix_lookups.inc(max(0, lookups - self.prefix_lookups._value.get()))
+        self.prefix_hits.inc(max(0, hits - self.prefix_hits._value.get()))
+
     # --- adapter cache -----------------------------------------------------------------
 
     def set_resident(self, tier: str, n: int) -> None:
@@ -340,10 +367,18 @@ class Metrics:
     # --- exposition --------------------------------------------------------------------
 
     def start_http_server(self, host: str, port: int) -> int:
-        """Serve /metrics on (host, port) from a daemon thread; port 0 picks one. Returns it."""
+        """Serve /metrics (only) on (host, port) from a daemon thread; port 0 picks one.
+        Returns the port."""
         if self._http is not None:
             raise RuntimeError("the metrics HTTP server is already running")
-        httpd, _thread = start_http_server(port, addr=host, registry=self.registry)
+        family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+
+        class Server(_ThreadingServer):
+            address_family = family
+
+        httpd = make_server(address[0], port, metrics_only(make_wsgi_app(self.registry)), Server,
+                            handler_class=_QuietHandler)
+        threading.Thread(target=httpd.serve_forever, name="metrics-http", daemon=True).start()
         self._http = httpd
         return int(httpd.server_port)
 
@@ -356,6 +391,34 @@ class Metrics:
             self._http.shutdown()
             self._http.server_close()
             self._http = None
+
+
+METRICS_PATH = "/metrics"
+
+
+def metrics_only(app):
+    """The WSGI app `app` at METRICS_PATH, and 404 on every other path (405 for a method
+    other than GET or HEAD): a scraper finds the metrics, a probe of / finds nothing."""
+
+    def serve(environ, start_response):
+        if environ.get("PATH_INFO") != METRICS_PATH:
+            start_response("404 Not Found", [("Content-Type", "text/plain; charset=utf-8")])
+            return [f"not found: the metrics are at {METRICS_PATH}\n".encode()]
+        if environ.get("REQUEST_METHOD") not in ("GET", "HEAD"):
+            start_response("405 Method Not Allowed", [("Allow", "GET, HEAD"), ("Content-Type", "text/plain")])
+            return [b"only GET and HEAD\n"]
+        return app(environ, start_response)
+
+    return serve
+
+
+class _ThreadingServer(ThreadingMixIn, WSGIServer):
+    daemon_threads = True  # a slow scraper never holds up the shutdown
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format, *args):  # noqa: A002 - the base class's name
+        """Scrapes are not logged (one line per scrape otherwise, on stderr)."""
 
 
 def _version(dist: str) -> str:

@@ -147,7 +147,15 @@ def test_bad_pushes_get_exact_codes_and_the_rest_keeps_serving(server, adapters,
     assert [a.name for a in ctl.list()] == ["good"]  # nothing of the bad pushes is visible
 
 
-def _header(name="sql", files=(("adapter_config.json", 10), ("adapter_model.safetensors", 10)), sha=""):
+# The smallest files that pass the checks a push makes as the bytes arrive (a config, a
+# safetensors header), so the stream faults below are what gets refused.
+CONFIG = b'{"peft_type":"LORA","r":1}'
+WEIGHTS = (2).to_bytes(8, "little") + b"{}"
+FILES = CONFIG + WEIGHTS
+
+
+def _header(name="sql", files=(("adapter_config.json", len(CONFIG)), ("adapter_model.safetensors", len(WEIGHTS))),
+            sha=""):
     return apb.PushAdapterRequest(header=apb.PushHeader(
         name=name, files=[apb.FileInfo(name=n, size=s, sha256=sha) for n, s in files]))
 
@@ -170,10 +178,10 @@ PROTOCOL_FAULTS = [
     ([_header(files=(("adapter_config.json", 2), ("adapter_config.json", 2)))], "INVALID_ARGUMENT", "twice"),
     ([_header(files=(("adapter_config.json", 2), ("adapter_model.safetensors", 1 << 40)))],
      "RESOURCE_EXHAUSTED", "--max-adapter-bytes"),
-    ([_header(), _chunk(b"x" * 21)], "INVALID_ARGUMENT", "more bytes than the header declares"),
-    ([_header(), _chunk(b"x" * 19)], "INVALID_ARGUMENT", "after 19 of 20 declared bytes"),
-    ([_header(sha="0" * 64), _chunk(b"x" * 20)], "INVALID_ARGUMENT", "another sha256"),
-    ([_header(), _chunk(b"x" * 20)], "INVALID_ARGUMENT", "not valid JSON"),
+    ([_header(), _chunk(FILES + b"x")], "INVALID_ARGUMENT", "more bytes than the header declares"),
+    ([_header(), _chunk(FILES[:-1])], "INVALID_ARGUMENT", f"after {len(FILES) - 1} of {len(FILES)} declared bytes"),
+    ([_header(sha="0" * 64), _chunk(FILES)], "INVALID_ARGUMENT", "another sha256"),
+    ([_header(), _chunk(b"x" * len(FILES))], "INVALID_ARGUMENT", "not valid JSON"),
 ]
 
 

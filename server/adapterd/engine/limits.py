@@ -55,6 +55,10 @@ def sampling_params(
         raise InvalidArgument(f"params.top_p must be in (0, 1]; got {top_p}")
     if repetition_penalty is not None and not (repetition_penalty > 0 and math.isfinite(repetition_penalty)):
         raise InvalidArgument(f"params.repetition_penalty must be > 0 (1 = none); got {repetition_penalty}")
+    # The sampler seeds a 64-bit signed generator: s and s + 2^63 would give the same tokens,
+    # so what it cannot tell apart is refused (as training's --seed is).
+    if seed is not None and not 0 <= seed < 2**63:
+        raise InvalidArgument(f"params.seed must be in 0..2^63-1; got {seed}")
     if len(stop) > limits.max_stop_sequences:
         raise InvalidArgument(
             f"params.stop has {len(stop)} sequences; at most {limits.max_stop_sequences} are allowed"

@@ -5,10 +5,14 @@
                                (read, check; off the       (LRU by        (LRU, pinned while
                                 decode step path)           count, bytes)  a request uses it)
 
-Entries are keyed by a content identity (the directory resolver uses the files' stat; the
-registry uses the sha256 of the files), so a changed adapter is a new entry, never a stale
-hit. Every method except the loaders runs on the engine thread, which is what makes the
-single flight simple: only that thread starts loads, and it starts one per key.
+Entries are keyed by an identity that changes with the content (the directory resolver
+uses the files' stat; the registry uses the sha256 of the files and the version), so a
+changed adapter is a new entry, never a stale hit. A failed load is remembered for a while
+under its key, so the registry's keys are per version, not per content: the failure (and
+its message, which names the adapter) is never given to another tenant that pushed the same
+bytes, and a new push is a new key, loaded afresh. Every method except the loaders runs on
+the engine thread, which is what makes the single flight simple: only that thread starts
+loads, and it starts one per key.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from adapterctl.adapter_check import quote
+
 from adapterd import errors
 from adapterd.config import CacheConfig
 
@@ -36,7 +42,7 @@ Loader = Callable[..., object]
 
 @dataclass(frozen=True)
 class ResolvedAdapter:
-    key: str  # content identity: equal keys mean equal weights
+    key: str  # equal keys mean equal weights; a failure is remembered per key
     name: str  # what served the request, reported back: "name" or "name@version"
     load: Loader = field(compare=False)
 
@@ -57,13 +63,13 @@ class DirectoryResolver:
         owner, _, rest = ref.rpartition("/")
         name, _, version = rest.partition("@")
         if owner and owner != tenant:
-            raise errors.NotFound(f"adapter {ref!r} not found")
+            raise errors.NotFound(f"adapter {quote(ref)} not found")
         if not NAME_RE.fullmatch(name):
             raise errors.InvalidArgument(
-                f"adapter {ref!r}: a name is 1-64 of a-z, 0-9, '.', '_', '-', starting with a letter or digit"
+                f"adapter {quote(ref)}: a name is 1-64 of a-z, 0-9, '.', '_', '-', starting with a letter or digit"
             )
         if version:
-            raise errors.NotFound(f"adapter {ref!r} not found: this server serves adapters by name only (no versions)")
+            raise errors.NotFound(f"adapter {quote(ref)} not found: this server serves adapters by name only (no versions)")
         path = self.root / name
         config = path / "adapter_config.json"
         try:

@@ -117,6 +117,39 @@ class Storage(ABC):
 
 # ---- local directory ----------------------------------------------------------------------
 
+# What the disk says -> what the caller can do about it. A full disk is RESOURCE_EXHAUSTED
+# (delete adapters, or the operator adds space); a registry that refuses writes (permissions,
+# an immutable file, a read-only file system) is FAILED_PRECONDITION: retrying cannot help
+# until the operator fixes the registry.
+_FULL = {errno.ENOSPC: "no space left on the disk", errno.EDQUOT: "the disk quota is exhausted"}
+_REFUSED = {errno.EACCES: "permission denied", errno.EPERM: "operation not permitted (an immutable file?)",
+            errno.EROFS: "the file system is read-only"}
+
+
+def os_error(url: str, e: OSError, doing: str) -> errors.AdapterdError:
+    """The typed error, naming the registry, for an OSError met while `doing` ("writing")."""
+    if e.errno in _FULL:
+        return errors.ResourceExhausted(f"adapter registry {url}: {_FULL[e.errno]} while {doing}; nothing was stored")
+    if e.errno in _REFUSED:
+        return errors.FailedPrecondition(
+            f"adapter registry {url} refuses {doing}: {_REFUSED[e.errno]}; the server's operator must fix "
+            "the registry's permissions or mount"
+        )
+    reason = os.strerror(e.errno) if e.errno else "I/O error"
+    return errors.Unavailable(f"adapter registry {url}: {reason} while {doing}; retry later")
+
+
+@contextlib.contextmanager
+def os_errors(url: str, doing: str):
+    """Any OSError in the block (but a missing file, which callers handle) -> os_error()."""
+    try:
+        yield
+    except FileNotFoundError:
+        raise
+    except OSError as e:
+        raise os_error(url, e, doing) from e
+
+
 
 def _writer_tag() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
@@ -168,11 +201,14 @@ class LocalStorage(Storage):
     @contextlib.contextmanager
     def staging_dir(self):
         # Inside the root: nothing is written elsewhere, and a crash's leftovers are found
-        # (and removed) by clean_partial_writes like any temp file.
+        # (and removed) by clean_partial_writes like any temp file. The upload's own writes
+        # into it fail as the registry's writes do (a full disk, a read-only registry).
         path = Path(f"{self._tmp()}.d")
-        path.mkdir()
+        with os_errors(self.url, "uploads"):
+            path.mkdir()
         try:
-            yield path
+            with os_errors(self.url, "uploads"):
+                yield path
         finally:
             shutil.rmtree(path, ignore_errors=True)
 
@@ -191,10 +227,8 @@ class LocalStorage(Storage):
                         shutil.copyfileobj(s, f, 1 << 20)
                 f.flush()
                 os.fsync(f.fileno())
-        except BaseException as e:
+        except BaseException:
             tmp.unlink(missing_ok=True)
-            if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise errors.ResourceExhausted(f"adapter registry {self.root}: no space left on the disk") from e
             raise
         return tmp
 
@@ -208,25 +242,27 @@ class LocalStorage(Storage):
 
     def put(self, key: str, src: Path | bytes) -> None:
         path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self._write_tmp(src)
-        try:
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
-        self._fsync_dir(path.parent)
+        with os_errors(self.url, "writes"):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self._write_tmp(src)
+            try:
+                os.replace(tmp, path)
+            finally:
+                tmp.unlink(missing_ok=True)
+            self._fsync_dir(path.parent)
 
     def create(self, key: str, data: bytes) -> bool:
         path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self._write_tmp(data)
-        try:
-            os.link(tmp, path)  # atomic, and fails if the target exists: rename would replace
-        except FileExistsError:
-            return False
-        finally:
-            tmp.unlink(missing_ok=True)
-        self._fsync_dir(path.parent)
+        with os_errors(self.url, "writes"):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self._write_tmp(data)
+            try:
+                os.link(tmp, path)  # atomic, and fails if the target exists: rename would replace
+            except FileExistsError:
+                return False
+            finally:
+                tmp.unlink(missing_ok=True)
+            self._fsync_dir(path.parent)
         return True
 
     def read(self, key: str) -> bytes:
@@ -238,8 +274,8 @@ class LocalStorage(Storage):
         except OSError as e:
             if e.errno == errno.ELOOP:
                 raise errors.PermissionDenied(f"registry file {key!r} is a symlink; refused") from e
-            raise
-        with os.fdopen(fd, "rb") as f:
+            raise os_error(self.url, e, "reads") from e
+        with os_errors(self.url, "reads"), os.fdopen(fd, "rb") as f:
             return f.read()
 
     def stat(self, key: str) -> ObjectInfo:
@@ -270,11 +306,12 @@ class LocalStorage(Storage):
 
     def delete(self, key: str) -> None:
         path = self._path(key)
-        try:
-            path.unlink()
-        except FileNotFoundError:
-            return
-        self._fsync_dir(path.parent)
+        with os_errors(self.url, "deletes"):
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                return
+            self._fsync_dir(path.parent)
 
     def clean_partial_writes(self, older_than_s: float) -> int:
         """Temp files and upload directories of writers that died (same host, pid gone) or
@@ -347,6 +384,11 @@ class S3Storage(Storage):
             code = e.response.get("Error", {}).get("Code", "")
             if code in ("NoSuchKey", "404", "NotFound"):
                 raise StorageMissing(key) from e
+            if code in ("AccessDenied", "AllAccessDisabled", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403"):
+                raise errors.FailedPrecondition(
+                    f"adapter registry {self.url} refuses the server: {code}; the server's operator must fix "
+                    "its credentials or the bucket's policy"
+                ) from e
             raise errors.Unavailable(f"adapter registry {self.url}: {code or 'error'}: {e}") from e
         except (BotoCoreError, S3UploadFailedError) as e:
             raise errors.Unavailable(f"adapter registry {self.url}: {e}") from e

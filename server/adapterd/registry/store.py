@@ -182,11 +182,13 @@ class Registry:
         if self.spec is None and self.require_spec:
             raise errors.Unavailable("the base model is not loaded yet, and pushes are checked against it; retry shortly")
         if visibility not in VISIBILITIES:
-            raise errors.InvalidArgument(f"visibility must be one of {VISIBILITIES}; got {visibility!r}")
+            raise errors.InvalidArgument(f"visibility must be one of {VISIBILITIES}; got {check.quote(visibility)}")
         if source not in SOURCES:
-            raise errors.InvalidArgument(f"source must be one of {SOURCES}; got {source!r}")
-        if len(description) > 4096:
-            raise errors.InvalidArgument("description is longer than 4096 characters")
+            raise errors.InvalidArgument(f"source must be one of {SOURCES}; got {check.quote(source)}")
+        try:
+            check.check_text(description, "description")
+        except check.CheckError as e:
+            raise translate(e) from e
         config_bytes, weights = self._adapter_files(files)
         # Load the tensors too: catches NaN/inf and anything the header check cannot see.
         if self.spec is not None:
@@ -199,19 +201,27 @@ class Registry:
         contents = {check.CONFIG_FILE: config_bytes, check.WEIGHTS_FILE: weights}
         entries = {n: _file_entry(c) for n, c in contents.items()}
         digest = check.adapter_digest({n: e.sha256 for n, e in entries.items()})
-        with self.storage.push_lock():
-            version = self._write(tenant, name, contents, entries, digest, dict(
-                size=sum(e.size for e in entries.values()), rank=rank, alpha=alpha, scaling=scaling,
-                target_modules=targets, description=description, visibility=visibility,
-                source=source, job_id=job_id, metrics=dict(metrics or {}),
-                trained_on=str(json.loads(config_bytes).get("base_model_name_or_path") or ""),
-            ))
+        try:
+            with self.storage.push_lock():
+                version = self._write(tenant, name, contents, entries, digest, dict(
+                    size=sum(e.size for e in entries.values()), rank=rank, alpha=alpha, scaling=scaling,
+                    target_modules=targets, description=description, visibility=visibility,
+                    source=source, job_id=job_id, metrics=dict(metrics or {}),
+                    trained_on=str(json.loads(config_bytes).get("base_model_name_or_path") or ""),
+                ))
+        except BaseException:
+            # Outside the push lock (the sweep takes it exclusively): the blobs this push wrote
+            # and no version refers to go now, not at the next start (a full disk, a store
+            # that failed half-way).
+            self._sweep_quietly()
+            raise
         log.info("pushed %s (%s, %d bytes, rank %d)", version.full_ref, digest[:12], version.size, rank)
         return version
 
     def _write(self, tenant, name, contents, entries, digest, fields) -> AdapterVersion:
         """Pending note, blobs, then the record: the record is the publication."""
-        pending = self._begin_push([e.sha256 for e in entries.values()])
+        blobs = [e.sha256 for e in entries.values()]
+        pending = self._begin_push(blobs)
         try:
             for n, c in contents.items():
                 self.storage.put(blob_key(entries[n].sha256), c)
@@ -226,9 +236,26 @@ class Registry:
             for n, c in contents.items():
                 if not self.storage.exists(blob_key(entries[n].sha256)):
                     self.storage.put(blob_key(entries[n].sha256), c)
-        finally:
-            self.storage.delete(pending)
+        except BaseException:
+            self._abandon_push(pending, blobs)
+            raise
+        self.storage.delete(pending)
         return version
+
+    def _abandon_push(self, pending: str, blobs: list[str]) -> None:
+        """Mark a failed push's note as dead, so the next sweep (at once: see push) removes
+        the blobs it wrote that nothing else refers to, on S3 too, where a sweep otherwise
+        keeps recent blobs. If even the note cannot be written, drop it: a local sweep is
+        exact without it."""
+        note = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time(), "blobs": blobs,
+                "failed": True}
+        try:
+            self.storage.put(pending, json.dumps(note).encode())
+        except Exception:  # noqa: BLE001 - the push's own error is the one to report
+            try:
+                self.storage.delete(pending)
+            except Exception:  # noqa: BLE001
+                log.warning("registry %s: could not remove the note %s of a failed push", self.storage.url, pending)
 
     def _check_names(self, tenant: str, name: str) -> None:
         try:
@@ -515,6 +542,8 @@ class Registry:
         return removed + len(dead_pushes)
 
     def _push_is_dead(self, note: dict, obj: ObjectInfo) -> bool:
+        if note.get("failed") is True:
+            return True
         if self.storage.exclusive_sweeps or time.time() - obj.mtime > self.stale_push_s:
             return True  # under the sweep lock, no push of this host is in flight
         same_host = note.get("host") == socket.gethostname() and isinstance(self.storage, LocalStorage)
@@ -546,7 +575,7 @@ def _decode_token(token: str):
     try:
         t, n, v = json.loads(base64.urlsafe_b64decode(token.encode()))
         return (str(t), str(n), -int(v))
-    except (ValueError, TypeError) as e:
+    except (ValueError, TypeError, RecursionError) as e:
         raise errors.InvalidArgument("page_token is not one this server issued; start again without it") from e
 
 
@@ -561,8 +590,8 @@ def open_registry(config, *, max_rank: int | None, spec=None) -> Registry:
 
 
 class RegistryResolver:
-    """The cache's resolver (registry/cache.py) on the registry: "name[@N]" -> the content
-    key "sha256:<digest>" and a loader that reads and verifies the files. Counts the
+    """The cache's resolver (registry/cache.py) on the registry: "name[@N]" -> the version's
+    key "sha256:<digest>:<tenant>/<name>@<N>" and a loader that reads and verifies the files. Counts the
     requests for each version (ListAdapters shows them)."""
 
     def __init__(self, registry: Registry):
@@ -586,4 +615,8 @@ class RegistryResolver:
 
 
 def cache_key(version: AdapterVersion) -> str:
-    return f"sha256:{version.sha256}"
+    """The cache's key of a version: its content and which version it is. Per version, not per
+    content alone: two tenants may push the same bytes, and what the cache remembers of one
+    (a failed load, and the error naming it) must never reach the other, nor outlive the
+    version (a new push of the same bytes is a new key, loaded afresh)."""
+    return f"sha256:{version.sha256}:{version.full_ref}"

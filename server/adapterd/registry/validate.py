@@ -22,6 +22,7 @@ from adapterd.engine.model import ModelSpec
 # One to one: the client's check errors -> the server's typed errors (gRPC codes).
 _ERRORS: dict[type[check.CheckError], type[errors.AdapterdError]] = {
     check.InvalidName: errors.InvalidArgument,
+    check.InvalidText: errors.InvalidArgument,
     check.PickledWeights: errors.PickledWeights,
     check.UnsupportedAdapter: errors.UnsupportedAdapter,
     check.CorruptSafetensors: errors.CorruptSafetensors,
@@ -98,18 +99,16 @@ def load_adapter_files(
     """Check, then load the tensors as float32 CPU (A, B) pairs keyed by module path."""
     checked = validate_adapter_files(config_bytes, weights, spec, max_rank, max_bytes=max_bytes)
     raw = _load_tensors(weights)
+    s = checked.settings
     tensors = {}
     for path, mod in checked.modules.items():
         # copy=True: never keep a view of a memory-mapped file that storage could change.
         a = raw[mod.a_key].to(torch.float32, copy=True).contiguous()  # (r, in)
         b = raw[mod.b_key].to(torch.float32, copy=True).contiguous()  # (out, r)
-        for key, t in ((mod.a_key, a), (mod.b_key, b)):
-            if not torch.isfinite(t).all():
-                raise errors.InvalidAdapter(f"tensor {key!r} holds NaN or infinite values")
+        check_finite_outputs(path, mod, a, b, s.scaling, s.rank)
         tensors[path] = (a, b)
     if sha256 is None:
         sha256 = _digest(config_bytes, weights)
-    s = checked.settings
     return AdapterWeights(
         name=name,
         sha256=sha256,
@@ -121,6 +120,39 @@ def load_adapter_files(
         nbytes=checked.nbytes,
         config=s.raw,
     )
+
+
+def check_finite_outputs(path: str, mod: check.LoraModule, a: torch.Tensor, b: torch.Tensor,
+                         scaling: float, rank: int) -> None:
+    """Refuse weights that cannot give finite outputs: NaN or inf, |A| or |scaling * B| above
+    MAX_ABS_WEIGHT, or a delta scaling * B @ A that can pass MAX_DELTA per weight (bounded,
+    without the matmul, by scaling * r * max|A| * max|B|). Each message says which."""
+    for key, t in ((mod.a_key, a), (mod.b_key, b)):
+        if not torch.isfinite(t).all():
+            raise errors.InvalidAdapter(
+                f"tensor {check.quote(key)} holds NaN or infinite values (as float32): the adapter's outputs "
+                "would not be finite numbers"
+            )
+    max_a, max_b = float(a.abs().max()), float(b.abs().max())
+    limit = check.MAX_ABS_WEIGHT
+    if max_a > limit:
+        raise errors.InvalidAdapter(
+            f"tensor {check.quote(mod.a_key)} holds values up to {max_a:g}, above the limit of {limit:g}: "
+            "the adapter's outputs would not be finite numbers"
+        )
+    if abs(scaling) * max_b > limit:
+        raise errors.InvalidAdapter(
+            f"tensor {check.quote(mod.b_key)} times the LoRA scaling {scaling:g} holds values up to "
+            f"{abs(scaling) * max_b:g}, above the limit of {limit:g}: the adapter's outputs would not be "
+            "finite numbers; lower lora_alpha or the weights"
+        )
+    bound = abs(scaling) * rank * max_a * max_b
+    if bound > check.MAX_DELTA:
+        raise errors.InvalidAdapter(
+            f"module {path}: scaling * lora_B @ lora_A can reach {bound:g} per weight (scaling {scaling:g} x "
+            f"r {rank} x max|A| {max_a:g} x max|B| {max_b:g}), above the limit of {check.MAX_DELTA:g}: the "
+            "adapter's outputs would not be finite numbers"
+        )
 
 
 def read_adapter(
@@ -173,7 +205,7 @@ def require_adapter_files(names: set[str], *, ignored: set[str] = frozenset()) -
     unexpected = names - set(check.ADAPTER_FILES) - ignored
     if unexpected:
         raise errors.InvalidArgument(
-            f"unexpected file(s) {sorted(unexpected)}: an adapter is {check.CONFIG_FILE} and {check.WEIGHTS_FILE}"
+            f"unexpected file(s) {check.quote(sorted(unexpected))}: an adapter is {check.CONFIG_FILE} and {check.WEIGHTS_FILE}"
         )
     for required in check.ADAPTER_FILES:
         if required not in names:

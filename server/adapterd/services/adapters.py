@@ -2,14 +2,18 @@
 
 Thin: take the request, call the Registry (in a thread: S3 calls block), answer. A push
 streams into a private staging directory (inside a local registry's root), bounded by
---max-adapter-bytes as the bytes arrive; the registry then checks the files and publishes
-them as the next version.
+--max-adapter-bytes as the bytes arrive and by the upload limits (uploads.py: places per
+tenant and in all, an idle timeout); the registry then checks the files and publishes
+them as the next version. What can be refused early is: the header before any byte, the
+config and the safetensors header as soon as their bytes are in, so a 600 MB upload with
+a broken header is refused at its first bytes.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,8 +28,9 @@ from adapterd.registry.store import (
     RegistryResolver,
     cache_key,
 )
-from adapterd.registry.validate import require_adapter_files
+from adapterd.registry.validate import require_adapter_files, translate
 from adapterd.tenancy import current_principal
+from adapterd.uploads import Uploads
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Adapters"].full_name
 
@@ -34,6 +39,7 @@ SOURCE = {"pushed": pb.SOURCE_PUSHED, "trained": pb.SOURCE_TRAINED}
 RESIDENCE = {"gpu": pb.RESIDENCE_GPU, "cpu": pb.RESIDENCE_CPU, "storage": pb.RESIDENCE_STORAGE}
 _VISIBILITY_NAMES = {v: k for k, v in VISIBILITY.items()}
 _SOURCE_NAMES = {v: k for k, v in SOURCE.items()}
+_SHA256 = re.compile(r"[0-9a-fA-F]{64}")
 
 # residence(cache key) -> "gpu" | "cpu" | "storage"
 Residence = Callable[[str], str]
@@ -41,21 +47,22 @@ Residence = Callable[[str], str]
 
 class AdaptersService(pb_grpc.AdaptersServicer):
     def __init__(self, registry: Registry, resolver: RegistryResolver | None = None,
-                 residence: Residence = lambda key: "storage"):
+                 residence: Residence = lambda key: "storage", uploads: Uploads | None = None):
         self.registry = registry
         self.resolver = resolver
         self.residence = residence
+        self.uploads = uploads or Uploads()
 
     async def PushAdapter(self, request_iterator, context) -> pb.Adapter:
         principal = current_principal()
         if not principal.can_write():
             raise errors.PermissionDenied(f"role {principal.role!r} cannot push adapters")
-        with self.registry.storage.staging_dir() as spool:
-            header, files = await receive_push(request_iterator, Path(spool), self.registry.max_bytes)
+        with self.uploads.hold(principal.tenant, "PushAdapter"), self.registry.storage.staging_dir() as spool:
+            messages = self.uploads.messages(request_iterator, "PushAdapter")
+            header, files = await receive_push(messages, Path(spool), self.registry.max_bytes, self.registry.max_rank)
             version = await asyncio.to_thread(
                 self.registry.push, principal.tenant, header.name, files,
-                description=header.description,
-                visibility="public" if header.visibility == pb.VISIBILITY_PUBLIC else "private",
+                description=header.description, visibility=_VISIBILITY_NAMES.get(header.visibility, "private"),
             )
         return self._adapter(version)
 
@@ -67,8 +74,8 @@ class AdaptersService(pb_grpc.AdaptersServicer):
             name=request.name or None,
             name_prefix=request.name_prefix,
             all_versions=request.all_versions,
-            source=_SOURCE_NAMES.get(request.source),
-            visibility=_VISIBILITY_NAMES.get(request.visibility),
+            source=_enum_filter(request.source, _SOURCE_NAMES, pb.Source, "source"),
+            visibility=_enum_filter(request.visibility, _VISIBILITY_NAMES, pb.Visibility, "visibility"),
             page_size=request.page_size or 100,
             page_token=request.page_token,
         )
@@ -116,21 +123,37 @@ def adapter_message(v: AdapterVersion) -> pb.Adapter:
     return msg
 
 
-async def receive_push(request_iterator, spool: Path, max_bytes: int | None) -> tuple[pb.PushHeader, dict[str, Path]]:
+def _enum_filter(value: int, names: dict[int, str], enum, field: str) -> str | None:
+    """A filter's enum value -> its name; UNSPECIFIED (0) -> None (no filter). A number the
+    enum does not define is refused, never taken as "no filter"."""
+    if value == 0:
+        return None
+    if value not in names:
+        raise errors.InvalidArgument(
+            f"{field} {value} is not one of {', '.join(enum.Name(v) for v in sorted(names))} (or 0: any)"
+        )
+    return names[value]
+
+
+async def receive_push(messages, spool: Path, max_bytes: int | None,
+                       max_rank: int | None = None) -> tuple[pb.PushHeader, dict[str, Path]]:
     """Read the header, then each file's bytes into `spool`, refusing as early as possible:
-    a pickled or unknown file name and a declared total above the cap before any byte, more
-    bytes than declared as they arrive."""
-    first = await anext(aiter(request_iterator), None)
+    a bad header (a pickled or unknown file name, a declared total above the cap, a sha256
+    that is not one) before any byte; adapter_config.json as soon as it is in; the
+    safetensors header as soon as its bytes are (checked against the declared file size);
+    more bytes than declared as they arrive."""
+    first = await anext(aiter(messages), None)
     if first is None or first.WhichOneof("part") != "header":
         raise errors.InvalidArgument("PushAdapter: the first message must be the header (name and files)")
     header = first.header
     check_push_header(header, max_bytes)
     files = {f.name: spool / f.name for f in header.files}
+    early = {f.name: _EarlyCheck(f.name, f.size, max_rank) for f in header.files}
     index, written, out = 0, 0, None
     hashes = [hashlib.sha256() for _ in header.files]
     try:
         out = open(files[header.files[0].name], "wb")  # noqa: SIM115 - rotated across files below
-        async for msg in request_iterator:
+        async for msg in messages:
             if msg.WhichOneof("part") != "chunk":
                 raise errors.InvalidArgument("PushAdapter: only one header, at the start")
             data = msg.chunk.data
@@ -145,8 +168,10 @@ async def receive_push(request_iterator, spool: Path, max_bytes: int | None) -> 
                         "PushAdapter: more bytes than the header declares; send the files' exact sizes"
                     )
                 take = min(len(data), header.files[index].size - written)
-                out.write(data[:take])
-                hashes[index].update(data[:take])
+                part = data[:take]
+                early[header.files[index].name].feed(part)
+                out.write(part)
+                hashes[index].update(part)
                 written += take
                 data = data[take:]
     finally:
@@ -164,15 +189,54 @@ async def receive_push(request_iterator, spool: Path, max_bytes: int | None) -> 
     return header, files
 
 
+class _EarlyCheck:
+    """The checks one file's first bytes allow, as they arrive: the whole config once it is
+    in (it is small), the safetensors header once its bytes are. Keeps only those bytes."""
+
+    def __init__(self, name: str, size: int, max_rank: int | None):
+        self.name, self.size, self.max_rank = name, size, max_rank
+        self.start = bytearray()
+        self.done = False
+
+    def feed(self, data: bytes) -> None:
+        if self.done:
+            return
+        self.start += data
+        try:
+            if self.name == check.CONFIG_FILE:
+                if len(self.start) == self.size:
+                    check.parse_config(bytes(self.start), max_rank=self.max_rank)
+                    self.done = True
+            elif check.check_safetensors_start(self.start, self.size) is not None:
+                self.done = True
+        except check.CheckError as e:
+            raise translate(e) from e
+        if self.done:
+            self.start = bytearray()
+
+
 def check_push_header(header: pb.PushHeader, max_bytes: int | None) -> None:
     try:
         check.check_name(header.name)
+        check.check_text(header.description, "description")
     except check.CheckError as e:
-        raise errors.InvalidArgument(str(e)) from e
+        raise translate(e) from e
+    if header.visibility not in _VISIBILITY_NAMES and header.visibility != pb.VISIBILITY_UNSPECIFIED:
+        raise errors.InvalidArgument(
+            f"visibility {header.visibility} is not one of VISIBILITY_PRIVATE (the default) or VISIBILITY_PUBLIC"
+        )
     names = [f.name for f in header.files]
     if len(set(names)) != len(names):
-        raise errors.InvalidArgument(f"PushAdapter: a file is listed twice in {names}")
+        raise errors.InvalidArgument(f"PushAdapter: a file is listed twice in {check.quote(names)}")
     require_adapter_files(set(names))  # on the wire: the two files and nothing else
+    for f in header.files:
+        if f.sha256 and not _SHA256.fullmatch(f.sha256):
+            raise errors.InvalidArgument(
+                f"PushAdapter: the sha256 of {f.name} is {check.quote(f.sha256)}, not 64 hex digits; "
+                "send the file's sha256 in hex, or none"
+            )
+        if f.name == check.CONFIG_FILE and f.size > check.MAX_CONFIG_BYTES:
+            raise errors.InvalidAdapter(f"{check.CONFIG_FILE} is {f.size} bytes; a LoRA config is a few KiB")
     total = sum(f.size for f in header.files)
     if max_bytes is not None and total > max_bytes:
         raise errors.AdapterTooLarge(
@@ -181,6 +245,6 @@ def check_push_header(header: pb.PushHeader, max_bytes: int | None) -> None:
 
 
 def register(server, registry: Registry, resolver: RegistryResolver | None = None,
-             residence: Residence = lambda key: "storage") -> str:
-    pb_grpc.add_AdaptersServicer_to_server(AdaptersService(registry, resolver, residence), server)
+             residence: Residence = lambda key: "storage", uploads: Uploads | None = None) -> str:
+    pb_grpc.add_AdaptersServicer_to_server(AdaptersService(registry, resolver, residence, uploads), server)
     return SERVICE_NAME

@@ -2,8 +2,9 @@
 
 Thin: read the caller's tenant, call the JobManager (training/jobs.py), answer. CreateJob
 receives the spec, then the dataset files in chunks, refusing a file over
---max-dataset-bytes as soon as it passes the limit; the whole dataset is then checked (in
-a thread: tokenizing a large file takes a while) before the job is queued.
+--max-dataset-bytes as soon as it passes the limit, under the upload limits (uploads.py);
+the whole dataset is then checked (in a thread: tokenizing a large file takes a while)
+before the job is queued.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from adapterd.tenancy import current_principal
 from adapterd.training.data import check_size
 from adapterd.training.jobs import Event, Job, JobManager
 from adapterd.training.spec import TrainingSpec
+from adapterd.uploads import Uploads
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Training"].full_name
 
@@ -42,15 +44,18 @@ _OPTIONAL_FIELDS = (
 
 
 class TrainingService(pb_grpc.TrainingServicer):
-    def __init__(self, jobs: JobManager, limiter: TenantLimiter | None = None):
+    def __init__(self, jobs: JobManager, limiter: TenantLimiter | None = None, uploads: Uploads | None = None):
         self.jobs = jobs
         self.limiter = limiter or TenantLimiter()
+        self.uploads = uploads or Uploads()
 
     async def CreateJob(self, request_iterator, context) -> pb.Job:
         tenant = current_principal().tenant
         # Before the upload: a tenant at its max_training_jobs is told at once.
         self.limiter.check_training_jobs(tenant, self.jobs.active_jobs(tenant))
-        spec, files = await receive_job(request_iterator, self.jobs.config.max_dataset_bytes)
+        with self.uploads.hold(tenant, "CreateJob"):
+            messages = self.uploads.messages(request_iterator, "CreateJob")
+            spec, files = await receive_job(messages, self.jobs.config.max_dataset_bytes)
         if "training file" not in files:
             raise InvalidArgument("CreateJob: no training file was sent (DatasetChunk.file = TRAINING)")
         job = await asyncio.to_thread(
@@ -63,7 +68,12 @@ class TrainingService(pb_grpc.TrainingServicer):
         return job_message(self.jobs.get(current_principal().tenant, request.job_id))
 
     async def ListJobs(self, request: pb.ListJobsRequest, context) -> pb.ListJobsResponse:
-        states = [_STATE_NAMES[s] for s in request.states if s in _STATE_NAMES]
+        unknown = [s for s in request.states if s not in _STATE_NAMES]
+        if unknown:
+            raise InvalidArgument(
+                f"states: {unknown[0]} is not a job state; one of {', '.join(pb.JobState.keys()[1:])}"
+            )
+        states = [_STATE_NAMES[s] for s in request.states]
         jobs, token = self.jobs.list(
             current_principal().tenant, page_size=request.page_size, page_token=request.page_token, states=states
         )
@@ -77,14 +87,15 @@ class TrainingService(pb_grpc.TrainingServicer):
             yield event_message(event)
 
 
-async def receive_job(request_iterator, max_bytes: int) -> tuple[TrainingSpec, dict[str, bytes]]:
-    """The spec, then each file's bytes, refusing a file as soon as it passes max_bytes."""
-    first = await anext(aiter(request_iterator), None)
+async def receive_job(messages, max_bytes: int) -> tuple[TrainingSpec, dict[str, bytes]]:
+    """The spec (checked before any dataset byte), then each file's bytes, refusing a file as
+    soon as it passes max_bytes."""
+    first = await anext(aiter(messages), None)
     if first is None or first.WhichOneof("payload") != "spec":
         raise InvalidArgument("CreateJob: the first message must be the job spec")
     spec = training_spec(first.spec)
     buffers: dict[str, bytearray] = {}
-    async for message in request_iterator:
+    async for message in messages:
         if message.WhichOneof("payload") != "chunk":
             raise InvalidArgument("CreateJob: only the first message may be the spec; then dataset chunks")
         what = FILES.get(message.chunk.file)
@@ -166,6 +177,6 @@ def event_message(event: Event) -> pb.JobEvent:
     return msg
 
 
-def register(server, jobs: JobManager, limiter: TenantLimiter | None = None) -> str:
-    pb_grpc.add_TrainingServicer_to_server(TrainingService(jobs, limiter), server)
+def register(server, jobs: JobManager, limiter: TenantLimiter | None = None, uploads: Uploads | None = None) -> str:
+    pb_grpc.add_TrainingServicer_to_server(TrainingService(jobs, limiter, uploads), server)
     return SERVICE_NAME

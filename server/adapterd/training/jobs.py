@@ -36,6 +36,8 @@ from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from adapterctl.adapter_check import quote
+
 from adapterd.errors import InvalidArgument, NotFound
 from adapterd.training import data
 from adapterd.training.evaluate import flat_metrics
@@ -46,6 +48,9 @@ log = logging.getLogger(__name__)
 STATES = ("validating", "queued", "running", "succeeded", "failed", "cancelled")
 TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
 LOG_TAIL_CHARS = 2000  # of the worker's own output, quoted when it dies without a word
+MAX_PAGE_SIZE = 100  # ListJobs
+DEFAULT_PAGE_SIZE = 20
+MAX_SEQ = 2**63 - 1  # events' seq is an SQLite INTEGER (signed 64-bit)
 
 # publish(tenant, name, adapter_dir, job_id=, description=, metrics=) -> "name@N"
 Publish = Callable[..., str]
@@ -332,6 +337,17 @@ class JobManager:
             self._scheduler.join(timeout)
         self.store.close()
 
+    def kill_workers(self) -> None:
+        """SIGKILL every running worker (and what it started) at once, waiting for nothing:
+        for a forced exit (a second SIGTERM), so that no worker outlives the server."""
+        with self._cond:
+            runs = list(self._running.values())
+        for run in runs:
+            proc = run.proc
+            if proc is not None and proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(proc.pid, signal.SIGKILL)  # its own session: the group is its pid
+
     # ---- the API --------------------------------------------------------------------------
 
     def create(self, tenant: str, spec: TrainingSpec, training: bytes, validation: bytes | None = None,
@@ -361,13 +377,16 @@ class JobManager:
     def get(self, tenant: str, job_id: str) -> Job:
         job = self.store.get(job_id)
         if job is None or job.tenant != tenant:
-            raise NotFound(f"no training job {job_id!r}; `adapterctl jobs list` shows yours")
+            raise NotFound(f"no training job {quote(job_id)}; `adapterctl jobs list` shows yours")
         return job
 
     def list(self, tenant: str, *, page_size: int = 20, page_token: str = "",
              states: Iterable[str] = ()) -> tuple[list[Job], str]:
-        """A page of the tenant's jobs, newest first, and the token of the next page ("" at the end)."""
-        page_size = min(max(page_size or 20, 1), 100)
+        """A page of the tenant's jobs, newest first, and the token of the next page ("" at the end).
+        `page_size` 0 means DEFAULT_PAGE_SIZE; above MAX_PAGE_SIZE is refused, not cut."""
+        page_size = page_size or DEFAULT_PAGE_SIZE
+        if not 1 <= page_size <= MAX_PAGE_SIZE:
+            raise InvalidArgument(f"page_size must be in 1..{MAX_PAGE_SIZE} (0: {DEFAULT_PAGE_SIZE}); got {page_size}")
         for s in states:
             if s not in STATES:
                 raise InvalidArgument(f"unknown job state {s!r}; one of {', '.join(STATES)}")
@@ -377,7 +396,7 @@ class JobManager:
                 at, job_id = page_token.split(":", 1)
                 before = (float(at), job_id)
             except ValueError as e:
-                raise InvalidArgument(f"page_token {page_token!r} is not one this server gave") from e
+                raise InvalidArgument(f"page_token {quote(page_token)} is not one this server gave") from e
         jobs = self.store.list(tenant, limit=page_size + 1, before=before, states=states)
         more = len(jobs) > page_size
         jobs = jobs[:page_size]
@@ -396,7 +415,9 @@ class JobManager:
 
     async def follow(self, tenant: str, job_id: str, after_seq: int = 0) -> AsyncIterator[Event]:
         """Every event after `after_seq` (0: from the start), then live ones, until the job
-        reaches a final state."""
+        reaches a final state; at once for a finished job with nothing after `after_seq`."""
+        if not 0 <= after_seq <= MAX_SEQ:
+            raise InvalidArgument(f"after_seq must be in 0..2^63-1 (a seq this server gave, or 0); got {after_seq}")
         self.get(tenant, job_id)
         loop = asyncio.get_running_loop()
         live: asyncio.Queue[Event] = asyncio.Queue()
@@ -413,6 +434,12 @@ class JobManager:
                 last = event.seq
                 if event.terminal:
                     return
+            # The replay held no final event: the job is still going, or it finished at or
+            # before after_seq. A finished job's final event is its last, written with its
+            # state under the store's lock, so a final state here means nothing will follow.
+            job = self.store.get(job_id)
+            if job is None or job.state in TERMINAL:
+                return
             while True:
                 event = await live.get()
                 if event.seq <= last:

@@ -15,7 +15,7 @@ import json
 import math
 from dataclasses import asdict, dataclass, fields
 
-from adapterctl.adapter_check import CheckError, check_name
+from adapterctl.adapter_check import MAX_SCALING, CheckError, check_name, check_text, quote
 
 from adapterd.errors import InvalidArgument
 
@@ -50,18 +50,29 @@ class TrainingSpec:
             check_name(self.name, "--name")
         except CheckError as e:
             raise InvalidArgument(str(e)) from e
-        _need(len(self.description) <= 4096, "--description is longer than 4096 characters")
+        try:  # shown to users as it is (adapterctl jobs show, the published adapter's description)
+            check_text(self.description, "--description")
+        except CheckError as e:
+            raise InvalidArgument(str(e)) from e
         _need(math.isfinite(self.epochs) and 0 < self.epochs <= 1000, f"--epochs must be in (0, 1000]; got {self.epochs}")
         _need(
             math.isfinite(self.learning_rate) and 0 < self.learning_rate <= 1,
             f"--lr must be in (0, 1]; got {self.learning_rate}",
         )
         _need(1 <= self.rank <= 1024, f"--rank must be in 1..1024; got {self.rank}")
-        _need(math.isfinite(self.alpha) and self.alpha > 0, f"--alpha must be > 0; got {self.alpha}")
+        _need(math.isfinite(self.alpha) and self.alpha > 0, f"--alpha must be a finite number > 0; got {self.alpha}")
+        # Checked now, not when the trained adapter is published: the registry refuses a
+        # scaling (alpha / rank) whose outputs would not be finite.
+        _need(
+            self.alpha / self.rank <= MAX_SCALING,
+            f"--alpha {self.alpha:g} with --rank {self.rank} gives a LoRA scaling (alpha / rank) of "
+            f"{self.alpha / self.rank:g}, above the limit of {MAX_SCALING:g}: the adapter's outputs would not "
+            f"be finite numbers; use an --alpha of at most {MAX_SCALING * self.rank:g}",
+        )
         _need(0 <= self.dropout < 1, f"--dropout must be in [0, 1); got {self.dropout}")
         _need(
             len(self.target_modules) > 0 and all(m and m.strip() == m for m in self.target_modules),
-            f"--target-modules must be all-linear or a comma-separated list of module names; got {','.join(self.target_modules)!r}",
+            f"--target-modules must be all-linear or a comma-separated list of module names; got {quote(','.join(self.target_modules))}",
         )
         _need(
             ALL_LINEAR not in self.target_modules or len(self.target_modules) == 1,
@@ -92,7 +103,16 @@ class TrainingSpec:
     def from_json(cls, text: str) -> TrainingSpec:
         data = json.loads(text)
         known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        values = {k: v for k, v in data.items() if k in known}
+        try:
+            return cls(**values)
+        except InvalidArgument:
+            # Stored by a server with older rules: the job stays readable as it was created.
+            spec = object.__new__(cls)
+            for f in fields(cls):
+                object.__setattr__(spec, f.name, values.get(f.name, f.default))
+            object.__setattr__(spec, "target_modules", tuple(spec.target_modules))
+            return spec
 
 
 def _need(ok: bool, message: str) -> None:
