@@ -16,6 +16,7 @@ import grpc
 
 from adapterctl import adapters, generate, health, train
 from adapterctl.client import ADDR_ENV, DEFAULT_ADDR, TOKEN_ENV
+from adapterctl.terminal import safe
 
 COMMANDS = [generate, health, adapters, train]
 
@@ -36,7 +37,7 @@ def exit_code(code: grpc.StatusCode) -> int:
 def error_line(e: grpc.RpcError, addr: str) -> str:
     """One line: the code name, the server's message, and what to try where that helps."""
     code = e.code()
-    details = " ".join((e.details() or "").split())  # the message, on one line
+    details = safe(" ".join((e.details() or "").split()))  # the message, on one line, escaped
     line = f"adapterctl: {code.name}: {details}" if details else f"adapterctl: {code.name}"
     hint = HINTS.get(code)
     return f"{line} ({hint.format(addr=addr)})" if hint else line
