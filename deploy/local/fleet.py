@@ -276,8 +276,8 @@ def start(args: argparse.Namespace) -> int:
         save_state(run, state)
         wait_serving("the balancer", procs["nginx"], 30)
     except BaseException:
-        save_state(run, state)
         _stop(state)
+        (run / STATE).unlink(missing_ok=True)
         raise
     print(f"adapterd fleet: {args.replicas} replicas behind nginx at {state['balancer']}")
     print(f"registry {registry}" + (f" on {procs['moto']['addr']}" if "moto" in procs else ""))
