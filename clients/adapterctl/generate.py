@@ -30,6 +30,9 @@ def register(subparsers) -> None:
     p.add_argument("--logprobs", action="store_true", help="ask for token log-probabilities (shown with --json)")
     p.add_argument("--ignore-eos", action="store_true", help="generate past end-of-sequence, to --max-new-tokens")
     p.add_argument("--stream", action="store_true", help="print the text as it is generated")
+    p.add_argument("--chat", action="store_true",
+                   help="send PROMPT as one user message, rendered with the base model's chat template "
+                   "(the answer ends at its end of turn); see also `adapterctl chat`")
     p.add_argument("--json", action="store_true", help="print the full response as JSON (one object per message with --stream)")
     p.add_argument("prompt", help='the prompt; "-" reads it from stdin')
     p.set_defaults(run=run)
@@ -55,9 +58,10 @@ def run(args: argparse.Namespace) -> int:
         logprobs=args.logprobs,
         ignore_eos=args.ignore_eos,
     )
+    text = {"messages": [("user", prompt)]} if args.chat else {"prompt": prompt}
     with Client.from_args(args) as client:
         if args.stream:
-            stream = client.generate_stream(prompt, adapter=args.adapter, **params)
+            stream = client.generate_stream(adapter=args.adapter, **text, **params)
             for message in stream:
                 if args.json:
                     print(_json(message), flush=True)
@@ -67,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
             if not args.json:
                 sys.stdout.write("\n")
         else:
-            response = client.generate(prompt, adapter=args.adapter, **params)
+            response = client.generate(adapter=args.adapter, **text, **params)
             print(_json(response) if args.json else response.text)
     return 0
 
