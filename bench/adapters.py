@@ -1,7 +1,8 @@
 """Cold adapters: from push to first token, against a warm request's first token, in one run.
 
 Prints one JSON object; times are medians over --adapters adapters (rank-16, all-linear,
-random PEFT adapters on the demo model), each pushed over gRPC and never loaded before.
+random PEFT adapters on the base model, SmolLM2-135M-Instruct by default), each pushed over
+gRPC and never loaded before.
 
     push_s                 PushAdapter: upload, check against the base, publish
     push_to_first_token_s  push + the first streamed token of the first request on it
@@ -12,7 +13,7 @@ random PEFT adapters on the demo model), each pushed over gRPC and never loaded 
                            verify, check and tensor load, copy into a slot
     cold_over_warm         cold_first_token_s / warm_first_token_s (target: < 3)
 
-    python bench/adapters.py [--adapters 20] [--rank 16] [--registry DIR|s3://...] [--base-model DIR]
+    python bench/adapters.py [--adapters 20] [--rank 16] [--registry DIR|s3://...] [--base-model DIR|FILE.gguf|demo]
 """
 
 from __future__ import annotations
@@ -112,17 +113,19 @@ def main() -> int:
     ap.add_argument("--warm-repeats", type=int, default=20)
     ap.add_argument("--registry", default=None, help="registry location (default: a temporary directory)")
     ap.add_argument("--s3-endpoint", default=None)
-    ap.add_argument("--base-model", type=Path, default=None, help="default: the demo model")
+    ap.add_argument("--base-model", default=None, metavar="DIR|FILE.gguf|demo",
+                    help="a Hugging Face directory, a .gguf file, or demo (the random demo model); "
+                    "default: SmolLM2-135M-Instruct, the server's default")
     args = ap.parse_args()
 
     from adapterctl.adapters import AdaptersClient
     from adapterctl.client import Client
     from adapterd.config import CacheConfig, ModelConfig, RegistryConfig
-    from adapterd.engine.demo import demo_model_dir
     from adapterd.engine.loop import load_engine_parts
+    from adapterd.engine.model import base_model_dir
     from adapterd.registry.store import open_registry
 
-    base = args.base_model or demo_model_dir()
+    base = base_model_dir(args.base_model)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         dirs = make_adapters(base, tmp / "peft", args.adapters, args.rank)

@@ -9,7 +9,7 @@ token)), so prefill is excluded the same way for every path. Medians over --repe
     peft_single_tok_s  PeftModel with that one adapter set, generate() on the same rows
     peft_mixed_tok_s   PEFT's own generate(adapter_names=...) on the mixed batch
 
-    python bench/engine.py [--rows 16] [--adapters 8] [--new-tokens 64] [--base-model DIR]
+    python bench/engine.py [--rows 16] [--adapters 8] [--new-tokens 64] [--base-model DIR|FILE.gguf|demo]
 """
 
 from __future__ import annotations
@@ -105,7 +105,9 @@ def peft_runner(base_dir: Path, adapters: list[Path], prompts: list[list[int]]):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--base-model", type=Path, help="a local HF model directory (default: the demo model)")
+    ap.add_argument("--base-model", default=None, metavar="DIR|FILE.gguf|demo",
+                    help="a Hugging Face directory, a .gguf file, or demo (the random demo model); "
+                    "default: SmolLM2-135M-Instruct, the server's default")
     ap.add_argument("--rows", type=int, default=16, help="rows in the decode batch")
     ap.add_argument("--adapters", type=int, default=8, help="distinct adapters over the rows (mixed case)")
     ap.add_argument("--rank", type=int, default=16, help="LoRA rank of every adapter")
@@ -117,9 +119,9 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from adapterd.engine.demo import demo_model_dir
+    from adapterd.engine.model import base_model_dir
 
-    base_dir = args.base_model or demo_model_dir()
+    base_dir = base_model_dir(args.base_model)
     torch.manual_seed(0)
     prompts = torch.randint(32, 127, (args.rows, args.prompt_tokens)).tolist()
     with tempfile.TemporaryDirectory() as tmp:

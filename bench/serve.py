@@ -1,7 +1,8 @@
 """The server end to end against a sequential PEFT loop, measured in one run.
 
 Prints one JSON object. The same requests (default: 128, 32 new tokens, greedy, 8 for each
-of 16 rank-16 all-linear adapters on the demo model, in a seeded random order) go
+of 16 rank-16 all-linear adapters on the base model, SmolLM2-135M-Instruct by default, in a
+seeded random order) go
 
   - to `adapterd serve` in a subprocess, from 16 client threads over gRPC streams, with a
     slot for every adapter, then again with --gpu-slots 2 (adapters cycle through evictions);
@@ -21,9 +22,10 @@ half after them, so a steady drift weighs on both sides alike (its wall time is 
     speedup_2_slots    the same with --gpu-slots 2
     ttft_p50_ms, ...   time to first token and latency per request, from the client
     peft_agreement     fraction of requests whose server tokens equal PEFT's, and
-    outputs_equal_2_slots  the same between the two servers: sanity checks. The demo model's
-                       random logits are flat, so float noise from a different batch shape can
-                       flip a near-tie; the tests check exact equality on a peaky tiny model.
+    outputs_equal_2_slots  the same between the two servers: sanity checks. Float noise from a
+                       different batch shape can flip a near-tie (the demo model's random
+                       logits are flat; a real model has a few too), so these need not be 1;
+                       the tests check exact equality on a peaky tiny model.
 
     speedup_2_slots_pinned  the 2-slot run again with request i going to adapter i % 16, so
                        each of the 16 clients keeps to one adapter and no two requests in
@@ -239,14 +241,16 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--max-batch-size", type=int, default=32)
-    p.add_argument("--base-model", type=Path, default=None, help="default: the demo model")
+    p.add_argument("--base-model", default=None, metavar="DIR|FILE.gguf|demo",
+                   help="a Hugging Face directory, a .gguf file, or demo (the random demo model); "
+                   "default: SmolLM2-135M-Instruct, the server's default")
     p.add_argument("--torch-threads", type=int, default=0, help="the server's --torch-threads (0: its default)")
     p.add_argument("--passes", type=int, default=3, help="passes over the requests per server; the median is reported")
     args = p.parse_args()
 
-    from adapterd.engine.demo import demo_model_dir
+    from adapterd.engine.model import base_model_dir
 
-    base = args.base_model or demo_model_dir()
+    base = base_model_dir(args.base_model)
     requests = build_requests(args.requests, args.adapters)
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
         workdir = Path(tmp)

@@ -14,7 +14,7 @@ the same settings, alternated in one run. Prints one JSON object; numbers are me
                            evaluation of adapter and base, publishing)
     tokens_per_second_ratio  service / plain (target: >= 0.9: the service adds no overhead)
 
-    python bench/train.py [--runs 3] [--examples 64] [--epochs 3] [--batch-size 8] [--base-model DIR]
+    python bench/train.py [--runs 3] [--examples 64] [--epochs 3] [--batch-size 8] [--base-model DIR|FILE.gguf|demo]
 """
 
 from __future__ import annotations
@@ -169,7 +169,9 @@ def main() -> int:
     parser.add_argument("--epochs", type=float, default=3)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--base-model", type=Path, default=None, help="default: the demo model")
+    parser.add_argument("--base-model", default=None, metavar="DIR|FILE.gguf|demo",
+                        help="a Hugging Face directory, a .gguf file, or demo (the random demo model); "
+                        "default: SmolLM2-135M-Instruct, the server's default")
     parser.add_argument("--plain", default=None, help=argparse.SUPPRESS)  # internal: run the baseline
     args = parser.parse_args()
     if args.plain is not None:
@@ -177,9 +179,9 @@ def main() -> int:
         print(json.dumps(plain(p.pop("base_model"), Path(p.pop("data")), p)))
         return 0
 
-    from adapterd.engine.demo import demo_model_dir
+    from adapterd.engine.model import base_model_dir
 
-    base_model = args.base_model or demo_model_dir()
+    base_model = base_model_dir(args.base_model)
     s = settings(args)
     with tempfile.TemporaryDirectory(prefix="adapterd-bench-train-") as tmp:
         root = Path(tmp)
