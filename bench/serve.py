@@ -88,6 +88,14 @@ def push_all(adapter_dirs: list[Path], store: Path, max_rank: int) -> None:
         registry.push("default", f"a{i}", path)
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def percentile(values: list[float], q: float) -> float:
     values = sorted(values)
     return values[min(len(values) - 1, round(q * (len(values) - 1)))]
@@ -95,15 +103,17 @@ def percentile(values: list[float], q: float) -> float:
 
 class Server:
     def __init__(self, base: Path, store: Path, workdir: Path, *, gpu_slots: int, max_rank: int, max_batch: int,
-                 torch_threads: int = 0):
+                 torch_threads: int = 0, metrics: bool = False, extra: list[str] = ()):
+        """`metrics`: serve them on a free loopback port (self.metrics_port); `extra`: more flags."""
         port_file = workdir / f"port-{gpu_slots}"
         port_file.unlink(missing_ok=True)
+        self.metrics_port = _free_port() if metrics else -1
         self.log = open(workdir / f"server-{gpu_slots}.log", "w")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "adapterd", "serve", "--port", "0", "--port-file", str(port_file),
              "--base-model", str(base), "--registry", str(store), "--gpu-slots", str(gpu_slots),
-             "--max-rank", str(max_rank), "--max-batch-size", str(max_batch), "--metrics-port", "-1",
-             "--jobs-dir", str(workdir / "jobs"), "--torch-threads", str(torch_threads)],
+             "--max-rank", str(max_rank), "--max-batch-size", str(max_batch), "--metrics-port", str(self.metrics_port),
+             "--jobs-dir", str(workdir / "jobs"), "--torch-threads", str(torch_threads), *extra],
             stdout=self.log, stderr=subprocess.STDOUT,
         )
         deadline = time.monotonic() + 300
