@@ -159,6 +159,11 @@ def terminate(pid: int | None, sig: int = signal.SIGTERM, timeout: float = 30.0)
         os.kill(pid, sig)
     except ProcessLookupError:
         return
+    wait_gone(pid, timeout)
+
+
+def wait_gone(pid: int | None, timeout: float) -> None:
+    """Wait up to `timeout` for the process to end, then SIGKILL it."""
     deadline = time.monotonic() + timeout
     while alive(pid) and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -315,14 +320,34 @@ def _stop(state: dict) -> None:
     terminate(procs.get("moto", {}).get("pid"), timeout=10)
 
 
+DELAY_LINE = "(--drain-delay)"  # what `adapterd serve` logs as its drain delay begins
+
+
 def _stop_replica(proc: dict) -> None:
-    """SIGTERM, and a second one a moment later: with the balancer gone there is nobody to
-    wait for, and the second signal cuts the replica's --drain-delay short."""
+    """SIGTERM; with the balancer gone there is nobody to wait for, so once the replica
+    says it is in its --drain-delay, a second SIGTERM cuts the delay short. (A second
+    signal after the delay would cut off calls in flight: it is sent only inside one.)"""
     pid = proc.get("pid")
-    if alive(pid):
-        os.kill(pid, signal.SIGTERM)
-        time.sleep(0.5)
-    terminate(pid, timeout=60)
+    if not alive(pid):
+        return
+    argv = proc["argv"]
+    delay = float(argv[argv.index("--drain-delay") + 1]) if "--drain-delay" in argv else 0.0
+    seen = _count(proc["log"], DELAY_LINE)
+    os.kill(pid, signal.SIGTERM)
+    if delay >= 1.0:
+        deadline = time.monotonic() + delay / 2
+        while time.monotonic() < deadline and _count(proc["log"], DELAY_LINE) == seen:
+            time.sleep(0.05)
+        if _count(proc["log"], DELAY_LINE) > seen and time.monotonic() < deadline:
+            os.kill(pid, signal.SIGTERM)
+    wait_gone(pid, timeout=60)
+
+
+def _count(path: str, text: str) -> int:
+    try:
+        return Path(path).read_text(errors="replace").count(text)
+    except OSError:
+        return 0
 
 
 def stop(args: argparse.Namespace) -> int:
