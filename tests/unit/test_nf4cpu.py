@@ -6,6 +6,7 @@ import bitsandbytes as bnb
 import pytest
 import torch
 from adapterd.engine.lora import BatchedLoraLinear, LoraSlots, SiblingGroup, reference_forward
+from adapterd.engine import nf4cpu
 from adapterd.engine.nf4cpu import FusedKernel, PackedKernel
 
 pytestmark = pytest.mark.skipif(
@@ -72,7 +73,8 @@ def test_lora_layer_follows_the_weight_when_bitsandbytes_unpacks_it():
     slots.set_batch([1, 1])
     x = torch.randn(2, 1, 64)
     with torch.inference_mode():
-        first = layer(x)  # packs; the next call goes direct
+        first = layer(x)  # packs
+        assert nf4cpu.attach([layer]) == 1  # the next call goes direct
         assert layer._kernel is not None
         assert torch.equal(layer(x), first)
         lin.state_dict()  # unpacks into new storage
@@ -161,6 +163,8 @@ def test_sibling_layers_with_lora_give_the_unfused_output(same_input):
 
     with torch.inference_mode():
         for step in range(6):
+            if step == 1:  # the first forward packed the weights
+                assert nf4cpu.attach(slots.layers.values()) == 3
             x = torch.randn(3, 1 if step else 5, 64)
             torch.testing.assert_close(plain(x), want(x), rtol=1e-5, atol=1e-5)
         if same_input:
@@ -173,3 +177,32 @@ def test_sibling_layers_with_lora_give_the_unfused_output(same_input):
                 x = torch.randn(3, 1, 64)
                 torch.testing.assert_close(plain(x), want(x), rtol=0.02, atol=0.05)  # the round trip is not exact
             assert group._fused is not None and group._fused.matches([m.base for m in group.members])
+
+
+def test_attach_falls_back_when_bitsandbytes_lacks_the_symbol(monkeypatch, caplog):
+    """A bitsandbytes that renamed its kernel must not stop the server: every layer keeps
+    the module's own path, with a log line, and the output is the module's."""
+    lin = _linear4bit(64, 32, bias=False, seed=4)
+    layer = BatchedLoraLinear(lin, num_slots=2, max_rank=4)
+    x = torch.randn(2, 1, 64)
+    with torch.inference_mode():
+        want = lin(x)  # packs
+
+        def missing(quant_type):
+            raise AttributeError(f"gemv_4bit_inference_cpu_{quant_type}_bf16")
+
+        monkeypatch.setattr(nf4cpu, "_kernel", missing)
+        assert nf4cpu.attach([layer]) == 0
+        assert not layer._direct and "not used" in caplog.text
+        assert torch.equal(layer(x), want)
+
+
+def test_attach_refuses_a_kernel_that_is_not_bit_equal(monkeypatch):
+    lin = _linear4bit(64, 32, bias=False, seed=6)
+    layer = BatchedLoraLinear(lin, num_slots=2, max_rank=4)
+    with torch.inference_mode():
+        lin(torch.randn(1, 64))
+        real = PackedKernel.__call__
+        monkeypatch.setattr(PackedKernel, "__call__", lambda self, x: real(self, x) + 1e-3)
+        assert nf4cpu.attach([layer]) == 0
+        assert layer._kernel is None

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 from adapterd import errors
 from adapterd.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
-from adapterd.engine import attention, chat, limits
+from adapterd.engine import attention, chat, limits, nf4cpu
 from adapterd.engine.chat import Message
 from adapterd.engine.generate import Generator, Request, TokenEvent
 from adapterd.engine.kv import prefix_salt
@@ -419,6 +419,8 @@ class EngineLoop:
         self._gen.add([Request(f"warm-up-{i}", ids, params) for i in range(rows)])
         while self._gen.num_running:
             self._gen.step()
+        # The forward above packed the CPU 4-bit weights: from now on call their kernel directly.
+        nf4cpu.attach(self._gen.slots.layers.values())
 
     def _serve(self) -> None:
         while True:

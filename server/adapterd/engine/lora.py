@@ -125,7 +125,7 @@ class BatchedLoraLinear(nn.Module):
         self._a_buf: torch.Tensor | None = None
         self._b_buf: torch.Tensor | None = None
         self._kernel: PackedKernel | None = None  # the base's CPU kernel, called directly
-        self._no_kernel = False  # an inference call left the base without one (GPU, plain Linear)
+        self._direct = False  # nf4cpu.attach() gave this layer the direct call (after the warm-up)
         self._siblings: SiblingGroup | None = None  # set by inject_lora for q/k/v and gate/up
         self._sibling_index = 0
         # Flat runs: the run's adapters side by side, (in, R) and (R, out), and the token mask.
@@ -217,19 +217,28 @@ class BatchedLoraLinear(nn.Module):
         return y
 
     def _base_forward(self, x: torch.Tensor) -> torch.Tensor:
-        kernel = self._kernel
-        inference = not torch.is_grad_enabled()
-        if inference and self._siblings is not None:
+        if not self._direct or torch.is_grad_enabled():
+            return self.base(x)
+        if self._siblings is not None:
             y = self._siblings.output(self._sibling_index, x)
             if y is not None:
                 return y
-        if kernel is not None and inference and kernel.matches(self.base):
+        kernel = self._kernel
+        if kernel is not None and kernel.matches(self.base):
             return kernel(x)
-        y = self.base(x)  # the first inference call is where bitsandbytes packs a CPU weight
-        if inference and (kernel is not None or not self._no_kernel):  # (re)build, or look once
-            self._kernel = PackedKernel.of(self.base)
-            self._no_kernel = self._kernel is None
+        y = self.base(x)  # bitsandbytes unpacked the weight (a state-dict save): it packs it again here
+        self._kernel = PackedKernel.of(self.base)
         return y
+
+    def attach_kernel(self) -> bool:
+        """Call the base's packed CPU kernel directly from now on, where there is one (a packed
+        Linear4bit on the CPU: the warm-up forward has packed it). See nf4cpu.attach."""
+        self._kernel = PackedKernel.of(self.base)
+        self._direct = self._kernel is not None
+        return self._direct
+
+    def detach_kernel(self) -> None:
+        self._kernel, self._direct = None, False
 
     def _segments(self, x: torch.Tensor, y: torch.Tensor) -> None:
         for slot, start, end in self._plan.segments:
@@ -288,7 +297,7 @@ class SiblingGroup:
     def _build(self) -> FusedKernel | None:
         """Fuse once every member's own kernel is current (each has been called, so the
         weights are packed); the members then call the fused weights' views directly too."""
-        if any(m._no_kernel for m in self.members):
+        if not all(m._direct for m in self.members):
             self._off = True
             return None
         if not all(m._kernel is not None and m._kernel.matches(m.base) for m in self.members):

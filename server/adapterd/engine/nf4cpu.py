@@ -24,8 +24,11 @@ weight not packed yet, training); callers then use the module itself. Likewise
 from __future__ import annotations
 
 import ctypes as ct
+import logging
 
 import torch
+
+log = logging.getLogger(__name__)
 
 _ARGTYPES = [ct.c_int64] * 3 + [ct.c_void_p] * 4 + [ct.c_int64] * 3
 _kernels: dict[str, object] = {}
@@ -161,3 +164,32 @@ class FusedKernel(_KernelCall):
             y = y.to(x.dtype).contiguous()  # a copy only where y is still that view
             ys.append(y.view(*x.shape[:-1], n))
         return ys
+
+
+def attach(layers) -> int:
+    """The one seam: give every BatchedLoraLinear whose base bitsandbytes has packed the
+    direct kernel call, once, after the warm-up forward. The first one is checked against
+    the module itself for bit equality; if that fails, or bitsandbytes lacks the symbol
+    (a version that renamed it), every layer stays on the module's own path, with one log
+    line, and the server serves as before. Returns how many layers were attached."""
+    layers = list(layers)
+    try:
+        attached = [layer for layer in layers if layer.attach_kernel()]
+        if attached and not _bit_equal(attached[0]):
+            raise RuntimeError("its output differs from Linear4bit's")
+    except (AttributeError, OSError, RuntimeError, TypeError) as e:
+        for layer in layers:
+            layer.detach_kernel()
+        log.warning("direct CPU 4-bit kernel not used (%s): bitsandbytes' own path serves", e)
+        return 0
+    if attached:
+        log.info("direct CPU 4-bit kernel: %d of %d layers", len(attached), len(layers))
+    return len(attached)
+
+
+def _bit_equal(layer) -> bool:
+    g = torch.Generator().manual_seed(0)
+    dtype = layer.base.compute_dtype or torch.float32
+    x = torch.randn(3, 1, layer.in_features, generator=g).to(dtype)
+    with torch.inference_mode():
+        return torch.equal(layer._kernel(x), layer.base(x))
