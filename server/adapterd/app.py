@@ -128,7 +128,7 @@ def create_server(
     ]
     if registry is not None:
         services.append(lambda: adapters.register(server, registry, _registry_resolver(engine), _residence(engine),
-                                                  uploads))
+                                                  uploads, engine.forget_adapter))
     if jobs is not None:
         services.append(lambda: training.register(server, jobs, limiter, uploads))
     names = [register() for register in services]

@@ -176,7 +176,7 @@ class PagedGenerator:
             input_ids=torch.tensor([ids], device=self.device),  # (1, T)
             position_ids=torch.tensor([positions], device=self.device),  # (1, T)
             use_cache=False,
-            logits_to_keep=torch.tensor(samples, device=self.device),
+            logits_to_keep=torch.tensor(samples, dtype=torch.long, device=self.device),  # (S,)
             **{attention.STEP_KWARG: step},
         )
         logits = out.logits[0]  # (S, V): one per sampling row, in plan order

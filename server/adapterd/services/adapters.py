@@ -47,11 +47,13 @@ Residence = Callable[[str], str]
 
 class AdaptersService(pb_grpc.AdaptersServicer):
     def __init__(self, registry: Registry, resolver: RegistryResolver | None = None,
-                 residence: Residence = lambda key: "storage", uploads: Uploads | None = None):
+                 residence: Residence = lambda key: "storage", uploads: Uploads | None = None,
+                 forget: Callable[[str], None] = lambda key: None):
         self.registry = registry
         self.resolver = resolver
         self.residence = residence
         self.uploads = uploads or Uploads()
+        self.forget = forget  # forget(cache key): a deleted version's cached prefix blocks go
 
     async def PushAdapter(self, request_iterator, context) -> pb.Adapter:
         principal = current_principal()
@@ -90,6 +92,8 @@ class AdaptersService(pb_grpc.AdaptersServicer):
         if not principal.can_write():
             raise errors.PermissionDenied(f"role {principal.role!r} cannot delete adapters")
         deleted = await asyncio.to_thread(self.registry.delete, principal.tenant, request.adapter)
+        for v in deleted:
+            self.forget(cache_key(v))
         return pb.DeleteAdapterResponse(deleted=[self._adapter(v) for v in deleted])
 
     async def GetPushRules(self, request: pb.GetPushRulesRequest, context) -> pb.PushRules:
@@ -245,6 +249,7 @@ def check_push_header(header: pb.PushHeader, max_bytes: int | None) -> None:
 
 
 def register(server, registry: Registry, resolver: RegistryResolver | None = None,
-             residence: Residence = lambda key: "storage", uploads: Uploads | None = None) -> str:
-    pb_grpc.add_AdaptersServicer_to_server(AdaptersService(registry, resolver, residence, uploads), server)
+             residence: Residence = lambda key: "storage", uploads: Uploads | None = None,
+             forget: Callable[[str], None] = lambda key: None) -> str:
+    pb_grpc.add_AdaptersServicer_to_server(AdaptersService(registry, resolver, residence, uploads, forget), server)
     return SERVICE_NAME
