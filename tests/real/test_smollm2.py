@@ -56,16 +56,16 @@ def test_chat_answers_paris_and_ends_at_the_end_of_turn(smollm2):
 def test_greedy_tokens_equal_transformers_generate_on_the_same_nf4_model(smollm2):
     model, tokenizer, _ = load_base_model(base_model_dir(None), device=torch.device("cpu"))
     eos = sorted(eos_token_ids(model, tokenizer))
-    conversation = [("user", "Give me one tip for writing clear code.")]
-    requests = [
-        chat(*conversation, max_new_tokens=NEW_TOKENS),
-        pb.GenerateRequest(prompt="def fibonacci(n):", params=pb.GenerationParams(max_new_tokens=NEW_TOKENS)),
-    ]
+    # The first ends at its end of turn after 16 tokens, the closest call (0.097) at that end.
+    conversations = [[("user", QUESTION)], [("user", "Give me one tip for writing clear code.")]]
+    requests = [chat(*c, max_new_tokens=NEW_TOKENS) for c in conversations]
+    requests.append(pb.GenerateRequest(prompt="def fibonacci(n):", params=pb.GenerationParams(max_new_tokens=NEW_TOKENS)))
     prompt_ids = [
-        tokenizer.apply_chat_template([{"role": r, "content": c} for r, c in conversation],
-                                      tokenize=True, add_generation_prompt=True, return_dict=True)["input_ids"],
-        tokenizer("def fibonacci(n):")["input_ids"],
+        tokenizer.apply_chat_template([{"role": r, "content": t} for r, t in c],
+                                      tokenize=True, add_generation_prompt=True, return_dict=True)["input_ids"]
+        for c in conversations
     ]
+    prompt_ids.append(tokenizer("def fibonacci(n):")["input_ids"])
     futures = [smollm2.inference.Generate.future(r) for r in requests]  # one batch on the server
     got = [list(f.result(timeout=300).token_ids) for f in futures]
     for ids, tokens in zip(prompt_ids, got, strict=True):
