@@ -1,8 +1,10 @@
-"""The built-in demo base model: a small random Llama with a byte-level tokenizer.
+"""The demo base model (`--base-model demo`): a small random Llama with a byte-level
+tokenizer, for tests and for benchmarks of the engine alone, where a random model is the
+point. (The default base model is a real one: engine/gguf.py.)
 
-Built deterministically on first use into a cache directory, so `adapterd serve` works on a
-fresh machine with no download. The same seed gives the same files, byte for byte. The
-same builders make the tiny models the tests use (Llama, Phi, Falcon configs).
+Built deterministically on first use into a cache directory, with no download. The same
+seed gives the same files, byte for byte. The same builders make the tiny models the tests
+use (Llama, Phi, Falcon configs).
 """
 
 from __future__ import annotations
