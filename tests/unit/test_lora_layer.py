@@ -146,3 +146,35 @@ def test_stacks_made_under_no_grad_are_rebuilt_for_inference_mode_and_back():
         slots.set_batch([1, 0, 1])
         want = reference_forward(base, torch.cat([x, x[:1]]), [(a, b, 2.0), None, (a, b, 2.0)])
         torch.testing.assert_close(layer(torch.cat([x, x[:1]])), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("token_slots", [
+    [2, 2, 2, 2],  # one adapter, every token
+    [0, 3, 0, 3, 3],  # one adapter beside base tokens (masked)
+    [1, 1, 2, 3, 3, 3, 0, 2],  # grouped, unequal counts (padded)
+    [1, 2, 3, 1, 2, 3],  # grouped, equal counts
+    [1] * 40 + [0] * 3 + [2] * 30 + [3] * 5,  # runs: a run longer than the grouped path takes
+], ids=["one", "one-masked", "grouped-padded", "grouped", "runs"])
+def test_flat_run_matches_reference_per_token(token_slots):
+    """The paged engine's flat runs (FlatPlan): each token's output equals the base plus its
+    own adapter's delta, whichever path the plan takes, with ranks that differ per adapter
+    and an adapter that does not touch this layer."""
+    torch.manual_seed(7)
+    base = nn.Linear(24, 40)
+    layer = BatchedLoraLinear(base, num_slots=5, max_rank=8)
+    slots = LoraSlots({"l": layer}, 5, 8, torch.device("cpu"))
+    adapters = {}
+    for slot, r in ((1, 8), (2, 3), (3, 5)):
+        a, b, scale = torch.randn(r, 24), torch.randn(40, r), 0.5 * slot
+        layer.set_slot(slot, a, b, scale)
+        adapters[slot] = (a, b, scale)
+    layer.set_slot(4, None, None, 0.0)  # targets other modules only
+    x = torch.randn(1, len(token_slots), 24)
+    slots.set_tokens(token_slots)
+    with torch.no_grad():
+        got = layer(x)[0]  # (T, out)
+        want = reference_forward(base, x[0][:, None, :], [adapters.get(s) for s in token_slots])[:, 0]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # and a slot with nothing here adds nothing
+        slots.set_tokens([4] * len(token_slots))
+        torch.testing.assert_close(layer(x)[0], base(x[0]))

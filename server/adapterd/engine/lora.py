@@ -75,22 +75,55 @@ class BatchPlan:
     capacity: int = 0  # rows a buffer gets room for when it is (re)made
 
 
+# A flat run of at most this many tokens that holds several adapters takes the grouped
+# path; longer runs (prompt chunks) take one pair of matmuls per contiguous run of an adapter.
+GROUPED_MAX_TOKENS = 64
+
+
 @dataclass
 class FlatPlan:
-    """A flat run of tokens (the paged engine): each token's adapter slot. Each layer applies
-    the deltas of the run's adapters in three ops, whatever their number:
+    """A flat run of tokens (the paged engine): each token's adapter slot. Each layer reads
+    each of the run's adapters once, at its own rank (no per-row copy of stacks at the max
+    rank), in one of three ways chosen here once per step:
 
-        xa = x @ [A_s1^T | A_s2^T | ...]      (T, R)   R = the sum of their ranks
-        xa *= mask                            each token keeps its own adapter's columns
-        y += xa @ [scale B_s1^T ; ...]        (T, out)
+      one adapter  xa = x @ A^T (T, r); y += xa @ (scale B)^T, base tokens masked to zero
+      grouped      the run's n adapters side by side as stacks (n, in, r), (n, r, out):
+                   x gathered by adapter (n, m, in) -> two bmm -> index_add_ back into y;
+                   four ops per layer whatever n, and no multiply by another adapter's
+                   weights (a decode step: few tokens per adapter)
+      runs         per contiguous run of one adapter (tokens are ordered by slot), two
+                   matmuls on views: exact work, for prompt chunks where compute dominates
 
-    The concatenations are made when the run's set of adapters changes, not per step, and
-    hold each adapter at its own rank: no per-row copy of stacks at the max rank."""
+    The stacks are copied when the run's set of adapters changes, not per step."""
 
     slots: tuple[int, ...]  # the distinct adapter slots in the run (0 omitted), ascending
     token_slot: torch.Tensor  # (T,) long
     uniform: bool  # every token on the same adapter slot
+    runs: tuple[tuple[int, int, int], ...] = ()  # (slot, start, end), slot 0 omitted
+    grouped: tuple[torch.Tensor, torch.Tensor | None] | None = None  # (n, m) token index, (n, m, 1) valid
     _masks: dict = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, token_slots: list[int], device: torch.device) -> FlatPlan:
+        distinct = tuple(sorted(set(token_slots) - {0}))
+        runs, start = [], 0
+        for i in range(1, len(token_slots) + 1):
+            if i == len(token_slots) or token_slots[i] != token_slots[start]:
+                if token_slots[start] != 0:
+                    runs.append((token_slots[start], start, i))
+                start = i
+        grouped = None
+        if len(distinct) > 1 and len(token_slots) <= GROUPED_MAX_TOKENS:
+            members = [[t for t, s in enumerate(token_slots) if s == slot] for slot in distinct]
+            m = max(len(ts) for ts in members)
+            index = torch.tensor([ts + [ts[0]] * (m - len(ts)) for ts in members], device=device)  # (n, m)
+            valid = None
+            if any(len(ts) < m for ts in members):  # padding repeats a token; its delta is zeroed
+                valid = torch.tensor([[1.0] * len(ts) + [0.0] * (m - len(ts)) for ts in members],
+                                     device=device)[:, :, None]  # (n, m, 1)
+            grouped = (index, valid)
+        return cls(distinct, torch.tensor(token_slots, dtype=torch.long, device=device),
+                   len(distinct) == 1 and 0 not in token_slots, tuple(runs), grouped)
 
     def mask(self, columns: tuple[tuple[int, int], ...], dtype: torch.dtype) -> torch.Tensor | None:
         """(T, R) ones where a token's slot owns the column; None when nothing is masked."""
@@ -128,9 +161,10 @@ class BatchedLoraLinear(nn.Module):
         self._direct = False  # nf4cpu.attach() gave this layer the direct call (after the warm-up)
         self._siblings: SiblingGroup | None = None  # set by inject_lora for q/k/v and gate/up
         self._sibling_index = 0
-        # Flat runs: the run's adapters side by side, (in, R) and (R, out), and the token mask.
-        self._flat: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None
-        self._cat_key: tuple[tuple[int, int], ...] | None = None
+        # Flat runs (FlatPlan): how this step applies the delta, and the grouped path's stacks
+        # of the run's adapters, kept while the set of adapters stays the same.
+        self._flat: tuple | None = None
+        self._cat_key: tuple | None = None
         self._cat: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def set_slot(self, slot: int, a: torch.Tensor | None, b: torch.Tensor | None, scaling: float) -> None:
@@ -189,25 +223,29 @@ class BatchedLoraLinear(nn.Module):
         """Prepare for a flat run (see FlatPlan)."""
         self._plan = None
         self._a_rows = self._b_rows = None
-        columns = tuple((s, self.rank[s]) for s in flat.slots if self.rank[s] > 0)
-        if not columns:
-            self._flat = None
+        self._flat = None
+        if not any(self.rank[s] for s in flat.slots):
             return
-        if columns != self._cat_key:
-            a = torch.cat([self.lora_a[s, :, :r] for s, r in columns], dim=1)  # (in, R)
-            b = torch.cat([self.lora_b[s, :r] for s, r in columns], dim=0)  # (R, out)
-            self._cat, self._cat_key = (a, b), columns
-        self._flat = (*self._cat, flat.mask(columns, self.lora_a.dtype))
+        if len(flat.slots) == 1:
+            slot = flat.slots[0]
+            r = self.rank[slot]
+            self._flat = ("one", self.lora_a[slot, :, :r], self.lora_b[slot, :r], flat.mask(((slot, r),), self.lora_a.dtype))
+        elif flat.grouped is not None:
+            r = max(self.rank[s] for s in flat.slots)
+            key = (flat.slots, r)
+            if key != self._cat_key:  # (n, in, r), (n, r, out): zero beyond each adapter's own rank
+                index = torch.tensor(flat.slots, device=self.lora_a.device)
+                self._cat = (self.lora_a[:, :, :r].index_select(0, index), self.lora_b[:, :r].index_select(0, index))
+                self._cat_key = key
+            self._flat = ("grouped", *self._cat, flat.grouped)
+        else:
+            self._flat = ("runs", flat.runs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, T, in)
         y = self._base_forward(x)  # (B, T, out)
         if self._flat is not None:
-            a, b, mask = self._flat
-            xa = x.reshape(-1, self.in_features) @ a  # (T, R)
-            if mask is not None:
-                xa.mul_(mask)
             y = y if y.is_contiguous() else y.contiguous()
-            y.view(-1, self.out_features).addmm_(xa, b)  # (T, out)
+            self._flat_delta(x.reshape(-1, self.in_features), y.view(-1, self.out_features))
             return y
         if self._a_rows is not None:
             xa = torch.bmm(x, self._a_rows)  # (B, T, r)
@@ -239,6 +277,28 @@ class BatchedLoraLinear(nn.Module):
 
     def detach_kernel(self) -> None:
         self._kernel, self._direct = None, False
+
+    def _flat_delta(self, x: torch.Tensor, y: torch.Tensor) -> None:  # x (T, in), y (T, out) in place
+        kind = self._flat[0]
+        if kind == "one":
+            _, a, b, mask = self._flat
+            xa = x @ a  # (T, r)
+            if mask is not None:
+                xa.mul_(mask)  # base tokens keep their base output
+            y.addmm_(xa, b)
+        elif kind == "grouped":
+            _, a, b, (index, valid) = self._flat
+            n, m = index.shape
+            xg = x.index_select(0, index.view(-1)).view(n, m, self.in_features)  # (n, m, in)
+            yg = torch.bmm(torch.bmm(xg, a), b)  # (n, m, out)
+            if valid is not None:
+                yg.mul_(valid)
+            y.index_add_(0, index.view(-1), yg.view(n * m, self.out_features))
+        else:
+            for slot, start, end in self._flat[1]:
+                r = self.rank[slot]
+                if r:
+                    y[start:end].addmm_(x[start:end] @ self.lora_a[slot, :, :r], self.lora_b[slot, :r])
 
     def _segments(self, x: torch.Tensor, y: torch.Tensor) -> None:
         for slot, start, end in self._plan.segments:
@@ -389,12 +449,7 @@ class LoraSlots:
 
     def set_tokens(self, token_slots: list[int]) -> None:
         """Tell every layer the adapter slot of each token of a flat run (paged engine)."""
-        distinct = sorted(set(token_slots) - {0})
-        flat = FlatPlan(
-            tuple(distinct),
-            torch.tensor(token_slots, dtype=torch.long, device=self.device),
-            len(distinct) == 1 and 0 not in token_slots,
-        )
+        flat = FlatPlan.build(token_slots, self.device)
         for layer in self.layers.values():
             layer.plan_flat(flat)
         self._plan = self._held = None  # the next set_batch plans afresh

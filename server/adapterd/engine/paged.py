@@ -193,7 +193,8 @@ class PagedGenerator:
     def _plan(self) -> list[tuple[_Row, int]]:
         """Decode rows first (one token each), then prompt chunks within the budget:
         overdue rows first, then the shortest remaining prefill."""
-        decode = [(r, 1) for r in self.rows if r.pending == 1]
+        # By adapter slot: each adapter's decode tokens form one run (lora.FlatPlan).
+        decode = sorted(((r, 1) for r in self.rows if r.pending == 1), key=lambda rn: rn[0].request.slot)
         budget = self.step_tokens - len(decode)
         now = time.monotonic()
         waiting = [r for r in self.rows if r.pending > 1]
