@@ -34,6 +34,8 @@ from adapterd.config import Config
 from adapterd.engine.loop import EngineLoop, load_engine_parts, set_torch_threads
 from adapterd.engine.model import base_model_dir
 from adapterd.errors import AdapterdError
+from adapterd.http.openai import OpenAIApi
+from adapterd.http.server import HttpServer, create_app
 from adapterd.interceptors import ErrorInterceptor
 from adapterd.malloc import tune_malloc
 from adapterd.metrics import Metrics
@@ -103,6 +105,23 @@ def make_metrics(config: Config, registry: CollectorRegistry | None = None) -> M
     return Metrics(registry or CollectorRegistry(), top_k_adapters=config.metrics.top_adapters)
 
 
+def make_limiter(config: Config, metrics: Metrics) -> TenantLimiter:
+    """Per-tenant limits: one per process, shared by gRPC and HTTP."""
+    return TenantLimiter.from_auth(config.auth.tenants, on_reject=metrics.quota_rejected)
+
+
+def create_http_server(config: Config, *, engine: EngineLoop, limiter: TenantLimiter, metrics: Metrics,
+                       registry=None) -> HttpServer:
+    """The OpenAI-compatible HTTP API on --http-host/--http-port, with the same tenants,
+    tokens and limits as gRPC; `await server.start()` on the serving loop returns its port."""
+    api = OpenAIApi(engine, limiter, registry=registry, served_model_name=config.http.served_model_name,
+                    metrics=metrics, forget=getattr(engine, "forget_adapter", lambda key: None))
+    auth = Authenticator(config.auth.tenants) if config.auth.tenants is not None else None
+    app = create_app(api, auth, max_body_bytes=config.http.max_body_bytes, metrics=metrics)
+    return HttpServer(app, config.http_host, config.http.port, tls=config.tls,
+                      grace_s=config.server.grace_period_s)
+
+
 def create_server(
     config: Config,
     *,
@@ -112,6 +131,7 @@ def create_server(
     metrics: Metrics | None = None,
     metrics_registry: CollectorRegistry | None = None,
     lifecycle: Lifecycle | None = None,
+    limiter: TenantLimiter | None = None,
 ) -> tuple[grpc.aio.Server, int]:
     """Build the server with every service registered; call on the event loop that will run
     it, then `await server.start()`. Returns the server and the bound port (config port 0
@@ -119,7 +139,7 @@ def create_server(
     `metrics_registry`; the /metrics endpoint is `serve()`'s to start, not this."""
     lifecycle = lifecycle or Lifecycle(engine)
     metrics = metrics or getattr(engine, "metrics", None) or make_metrics(config, metrics_registry)
-    limiter = TenantLimiter.from_auth(config.auth.tenants, on_reject=metrics.quota_rejected)
+    limiter = limiter or make_limiter(config, metrics)  # give the HTTP API the same one
     uploads = Uploads(config.uploads)  # pushes and training uploads share the places
     server = grpc.aio.server(interceptors=interceptor_chain(config, metrics=metrics))
     # One line per service: register(server, ...) -> its full name (for health, reflection).
@@ -178,10 +198,17 @@ async def serve(config: Config) -> int:
     jobs = await asyncio.to_thread(open_jobs, config, registry, metrics)
     engine.on_ready(lambda: jobs.set_module_names(engine.cache.spec.linear_shapes))
     lifecycle = Lifecycle(engine)
+    limiter = make_limiter(config, metrics)
     server, port = create_server(
-        config, engine=engine, registry=registry, jobs=jobs, lifecycle=lifecycle, metrics=metrics
+        config, engine=engine, registry=registry, jobs=jobs, lifecycle=lifecycle, metrics=metrics, limiter=limiter
     )
     await server.start()
+    http = None
+    if config.http.enabled:
+        http = create_http_server(config, engine=engine, limiter=limiter, metrics=metrics, registry=registry)
+        http_port = await http.start()
+        log.info("OpenAI-compatible HTTP API on %s://%s:%d/v1", "https" if config.tls.enabled else "http",
+                 config.http_host, http_port)
     host = config.server.host
     transport = "mTLS" if config.tls.client_ca else "TLS" if config.tls.enabled else "plaintext"
     log.info("listening on %s:%d, %s (health NOT_SERVING until the model is warm)", host, port, transport)
@@ -226,7 +253,8 @@ async def serve(config: Config) -> int:
              config.server.grace_period_s)
     draining.set()
     await lifecycle.drain()
-    await server.stop(config.server.grace_period_s)
+    await asyncio.gather(server.stop(config.server.grace_period_s),
+                         http.stop(config.server.grace_period_s) if http is not None else asyncio.sleep(0))
     await asyncio.to_thread(jobs.close)  # running jobs are failed: the server is going away
     await asyncio.to_thread(engine.stop, 30)  # off the loop, which must still see a second signal
     metrics.stop_http_server()

@@ -368,6 +368,46 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
+class HttpConfig:
+    """The OpenAI-compatible HTTP API (http/), in the same process as gRPC."""
+
+    port: int = -1  # -1: off; 0: any free port
+    host: str | None = None  # None: the gRPC --host
+    served_model_name: str | None = None  # None: the base model's name
+    max_body_bytes: int = 4 * 2**20
+
+    def __post_init__(self):
+        _check(-1 <= self.port <= 65535, f"--http-port must be in 0..65535, or -1 for none; got {self.port}")
+        _check(self.host is None or bool(self.host), "--http-host must not be empty")
+        _check(self.served_model_name is None or bool(self.served_model_name.strip()),
+               "--served-model-name must not be empty")
+        _check(self.max_body_bytes >= 1, f"--http-max-body-bytes must be >= 1; got {self.max_body_bytes}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.port >= 0
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> HttpConfig:
+        return cls(args.http_port, args.http_host, args.served_model_name, args.http_max_body_bytes)
+
+
+def add_http_flags(p: argparse._ArgumentGroup) -> None:
+    d = HttpConfig()
+    p.add_argument("--http-port", type=int, default=d.port,
+                   help="serve the OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, "
+                   "/v1/models) on this port; 0 picks a free one, -1 turns it off (default: %(default)s)")
+    p.add_argument("--http-host", default=None,
+                   help="address of the HTTP API; the same rule as --host: not loopback needs --auth-file "
+                   "or --insecure-open (default: the same as --host)")
+    p.add_argument("--served-model-name", default=None, metavar="NAME",
+                   help="the base model's name in the HTTP API's `model` field and /v1/models (\"\" "
+                   "always means the base model too; default: the base model's own name)")
+    p.add_argument("--http-max-body-bytes", type=int, default=d.max_body_bytes, metavar="BYTES",
+                   help="largest HTTP request body; more is a 413 (default: %(default)s)")
+
+
+@dataclass(frozen=True)
 class TrainingConfig:
     """Training jobs (training/jobs.py): where they are kept, how many run, what a dataset may be."""
 
@@ -402,6 +442,7 @@ class Config:
     tls: TlsConfig = field(default_factory=TlsConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
+    http: HttpConfig = field(default_factory=HttpConfig)
 
     def __post_init__(self):
         # Without tenants every caller is the admin of everything: never open that to a network by accident.
@@ -411,6 +452,17 @@ class Config:
             "give one (tenants and tokens), listen on 127.0.0.1, or pass --insecure-open to serve "
             "everyone without authentication",
         )
+        _check(
+            not self.http.enabled or is_loopback(self.http_host) or self.auth.auth_file is not None
+            or self.auth.insecure_open,
+            f"--http-host {self.http_host} is reachable from other machines and there is no --auth-file: "
+            "give one (tenants and tokens), listen on 127.0.0.1, or pass --insecure-open to serve "
+            "everyone without authentication",
+        )
+
+    @property
+    def http_host(self) -> str:
+        return self.http.host or self.server.host
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Config:
@@ -426,6 +478,7 @@ class Config:
             tls=TlsConfig.from_args(args),
             metrics=MetricsConfig.from_args(args),
             training=TrainingConfig.from_args(args),
+            http=HttpConfig.from_args(args),
         )
 
 
@@ -658,6 +711,7 @@ FLAG_GROUPS = [
     ("TLS", add_tls_flags),
     ("metrics", add_metrics_flags),
     ("training", add_training_flags),
+    ("HTTP API (OpenAI-compatible)", add_http_flags),
 ]
 
 

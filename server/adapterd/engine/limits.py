@@ -37,6 +37,7 @@ def sampling_params(
     logprobs: bool,
     limits: SchedulerConfig,
     ignore_eos: bool = False,
+    grammar: object | None = None,
 ) -> SamplingParams:
     """Check the generation parameters; None means "not set" (the default)."""
     if max_new_tokens < 1:
@@ -80,4 +81,5 @@ def sampling_params(
         stop=tuple(stop),
         logprobs=logprobs,
         ignore_eos=ignore_eos,
+        grammar=grammar,
     )

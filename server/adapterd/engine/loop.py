@@ -29,6 +29,7 @@ from adapterd.config import CacheConfig, EngineConfig, ModelConfig, SchedulerCon
 from adapterd.engine import attention, chat, limits, nf4cpu
 from adapterd.engine.chat import Message
 from adapterd.engine.generate import Generator, Request, TokenEvent
+from adapterd.engine.grammar import GrammarCompiler, ResponseFormat
 from adapterd.engine.kv import prefix_salt
 from adapterd.engine.paged import PagedGenerator
 from adapterd.engine.sampling import SamplingParams
@@ -98,6 +99,7 @@ class GenerateArgs:
     stop: tuple[str, ...] = ()
     logprobs: bool = False
     ignore_eos: bool = False
+    response_format: ResponseFormat | None = None  # None: free text
 
 
 class _Sink:
@@ -159,6 +161,7 @@ class EngineLoop:
         self.cache_config = cache
         self.engine_config = engine or EngineConfig()
         self.tokenizer = None
+        self.grammars: GrammarCompiler | None = None  # structured output, built with the tokenizer
         self.cache: AdapterCache | None = None
         self._sched: Scheduler | None = None
         self._gen: Generator | None = None
@@ -260,8 +263,11 @@ class EngineLoop:
         # A rendered conversation holds its special tokens already (BOS too, where the template writes it).
         prompt_ids = self.tokenizer(prompt, add_special_tokens=not rendered)["input_ids"]
         limits.check_prompt(prompt, len(prompt_ids), self.config)
+        kw = vars(args).copy()
+        fmt = kw.pop("response_format")
         params = limits.sampling_params(
-            prompt_tokens=len(prompt_ids), limits=self.config, **vars(args)
+            prompt_tokens=len(prompt_ids), limits=self.config, **kw,
+            grammar=self.grammars.compile(fmt) if fmt is not None else None,
         )
         resolved = self.resolver.resolve(tenant, adapter) if adapter else None
         queue: asyncio.Queue = asyncio.Queue()
@@ -347,6 +353,8 @@ class EngineLoop:
                  self.config.max_input_tokens, self.config.max_total_tokens, max_pos or "unknown")
         self.tokenizer = parts.tokenizer
         self._gen = self._generator(parts, chat.eos_token_ids(parts.model, parts.tokenizer))
+        vocab = parts.model.get_output_embeddings().out_features  # the logits' width, >= the tokenizer's
+        self.grammars = GrammarCompiler(parts.tokenizer, vocab, self._gen.eos)
         self.cache = AdapterCache(
             parts.slots, parts.spec, self.cache_config, on_load_done=self._wake, metrics=self.metrics
         )

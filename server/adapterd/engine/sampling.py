@@ -10,7 +10,7 @@ as vLLM and TGI report them.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -26,6 +26,9 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     logprobs: bool = False
     ignore_eos: bool = False  # run to max_new_tokens (benchmarks, tests), as vLLM's ignore_eos
+    # Structured output (engine/grammar.py Grammar): each row gets its own matcher, and only
+    # the tokens it allows can be chosen. None: free text.
+    grammar: object | None = field(default=None, compare=False)
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
@@ -55,10 +58,13 @@ class RowSampler:
             # CPU generator: the same stream on every device, and no device sync per draw.
             self.generator = torch.Generator(device="cpu").manual_seed(seed)
         self.seen = set(prompt_ids) if params.repetition_penalty != 1.0 else None
+        self.matcher = params.grammar.matcher() if params.grammar is not None else None
 
     def observe(self, token: int) -> None:
         if self.seen is not None:
             self.seen.add(token)
+        if self.matcher is not None:
+            self.matcher.accept(token)
 
 
 def choose_tokens(logits: torch.Tensor, rows: list[RowSampler]) -> tuple[list[int], list[float] | None]:
@@ -72,6 +78,9 @@ def choose_tokens(logits: torch.Tensor, rows: list[RowSampler]) -> tuple[list[in
         for i, r in enumerate(rows):
             if r.seen:
                 _apply_repetition_penalty(logits[i], r.seen, r.params.repetition_penalty)
+    constrained = [i for i, r in enumerate(rows) if r.matcher is not None and not r.matcher.done]
+    if constrained:
+        logits = _constrain(logits, [rows[i].matcher for i in constrained], constrained)
     tokens = logits.argmax(dim=-1).tolist()  # greedy for every row; sampled rows overwrite
     for i, r in enumerate(rows):
         if not r.params.greedy:
@@ -83,6 +92,16 @@ def choose_tokens(logits: torch.Tensor, rows: list[RowSampler]) -> tuple[list[in
     for r, t in zip(rows, tokens, strict=True):
         r.observe(t)
     return tokens, chosen_logprobs
+
+
+def _constrain(logits: torch.Tensor, matchers: list, index: list[int]) -> torch.Tensor:
+    """A copy of logits (B, V) where rows `index` keep only the tokens their grammar allows;
+    the other rows are untouched (one mask, one masked_fill for the whole batch)."""
+    from adapterd.engine.grammar import allowed_mask
+
+    mask = torch.ones_like(logits, dtype=torch.bool)  # (B, V)
+    mask[index] = allowed_mask(matchers, logits.shape[-1], logits.device)  # (n, V)
+    return logits.masked_fill(~mask, float("-inf"))
 
 
 def _apply_repetition_penalty(row: torch.Tensor, seen: set[int], penalty: float) -> None:

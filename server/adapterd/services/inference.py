@@ -13,7 +13,9 @@ from adapterd_api.v1 import inference_pb2_grpc as pb_grpc
 
 from adapterd.auth import RequestLease, TenantLimiter
 from adapterd.engine.chat import Message
+from adapterd.engine.grammar import ResponseFormat
 from adapterd.engine.loop import EngineLoop, GenerateArgs
+from adapterd.errors import InvalidArgument
 from adapterd.tenancy import current_principal
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Inference"].full_name
@@ -99,7 +101,20 @@ def generate_args(p: pb.GenerationParams) -> GenerateArgs:
         stop=tuple(p.stop),
         logprobs=p.logprobs,
         ignore_eos=p.ignore_eos,
+        response_format=response_format(p.response_format) if p.HasField("response_format") else None,
     )
+
+
+def response_format(f: pb.ResponseFormat) -> ResponseFormat | None:
+    if f.type == pb.ResponseFormat.TYPE_TEXT:
+        return None
+    if f.type == pb.ResponseFormat.TYPE_JSON_OBJECT:
+        return ResponseFormat("json_object")
+    if f.type == pb.ResponseFormat.TYPE_JSON_SCHEMA:
+        if not f.json_schema:
+            raise InvalidArgument("params.response_format.json_schema is empty; give the JSON Schema as JSON text")
+        return ResponseFormat("json_schema", f.json_schema)
+    raise InvalidArgument(f"params.response_format.type {f.type} is not known")
 
 
 def register(server, engine: EngineLoop, limiter: TenantLimiter | None = None) -> str:

@@ -1,0 +1,1 @@
+"""The OpenAI-compatible HTTP API, served beside gRPC in the same process (server.py)."""
