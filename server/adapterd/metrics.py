@@ -26,7 +26,8 @@ import importlib.metadata
 import platform
 import socket
 import threading
-from collections.abc import Callable, Mapping
+import time
+from collections.abc import Callable, Iterable, Mapping
 from socketserver import ThreadingMixIn
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
@@ -229,6 +230,15 @@ class Metrics:
         self.prefix_hits = Counter(
             "adapterd_prefix_cache_hits", "Full prompt blocks found in the prefix cache (hit rate: "
             "hits / lookups).", registry=r)
+        # The Gateway API Inference Extension's LoRA signal, with vllm:lora_requests_info's
+        # semantics: one series, its labels the adapters of running and waiting requests
+        # (comma separated, as the `model` field names them) and the slots; its value the time
+        # it was last set, so the endpoint picker takes the newest (deploy/k8s/README.md).
+        self.lora_info = Gauge(
+            "adapterd_lora_requests_info", "Adapters of running and waiting requests, and max_lora (the "
+            "accelerator's adapter slots); the value is the time of the last update.",
+            ["running_lora_adapters", "waiting_lora_adapters", "max_lora"], registry=r)
+        self._lora_labels: tuple[str, str, str] | None = None
         self.build_info = Info("adapterd_build", "Versions this server runs.", registry=r)
         self.build_info.info(_build_labels())
 
@@ -316,6 +326,15 @@ class Metrics:
 
     def set_batch_size(self, n: int) -> None:
         self.batch_size.set(n)
+
+    def set_lora_info(self, running: Iterable[str], waiting: Iterable[str], max_lora: int) -> None:
+        """Adapters ("name@3" or "owner/name@3", as requests resolved them; "" = the base
+        model, left out) of the running and the waiting requests."""
+        labels = (_adapter_list(running), _adapter_list(waiting), str(max_lora))
+        if labels != self._lora_labels:  # one series: the old one goes
+            self.lora_info.clear()
+            self._lora_labels = labels
+        self.lora_info.labels(*labels).set(time.time())
 
     def set_kv(self, *, held: int, cached: int, free: int, tokens: int, lookups: int, hits: int) -> None:
         """The paged KV cache now; `lookups` and `hits` are totals since start."""
@@ -419,6 +438,17 @@ class _ThreadingServer(ThreadingMixIn, WSGIServer):
 class _QuietHandler(WSGIRequestHandler):
     def log_message(self, format, *args):  # noqa: A002 - the base class's name
         """Scrapes are not logged (one line per scrape otherwise, on stderr)."""
+
+
+# Past this many names a label value is cut: it is a routing hint, not a list of record.
+MAX_LORA_NAMES = 64
+
+
+def _adapter_list(names: Iterable[str]) -> str:
+    """"a@1", "acme/b@2", "a@3", "" -> "a,acme/b": no versions (the gateway routes by the
+    name a request gives), no base model, no duplicates, sorted."""
+    unique = sorted({n.split("@", 1)[0] for n in names if n})
+    return ",".join(unique[:MAX_LORA_NAMES])
 
 
 def _version(dist: str) -> str:

@@ -458,6 +458,10 @@ class EngineLoop:
                 if self.metrics is not None:
                     self.metrics.set_queue_depth(self._queued)
                     self.metrics.set_batch_size(len(self._running))
+                    self.metrics.set_lora_info(  # the gateway's LoRA signal (metrics.py)
+                        (s.adapter.name for s in self._running.values() if s.adapter is not None),
+                        (s.adapter.name for s in self._sched.waiting if s.adapter is not None),
+                        self.cache_config.gpu_slots)
                     kv = self.kv_stats()
                     if kv is not None:
                         self.metrics.set_kv(**kv)
