@@ -166,7 +166,7 @@ def through_server(model, tokenizer, slots, spec, requests: int, clients: int, n
     from adapterd.app import Lifecycle, create_server
     from adapterd.config import CacheConfig, Config, SchedulerConfig, ServerConfig
     from adapterd.engine.loop import EngineLoop, EngineParts
-    from adapterd.registry.cache import ResolvedAdapter
+    from adapterd.resolve import ResolvedAdapter
 
     class RandomAdapters:  # "a0".."a7": random rank-16 weights, loaded through the adapter cache
         def resolve(self, tenant, ref):

@@ -42,11 +42,10 @@ import urllib.request
 from pathlib import Path
 
 import grpc
-from serve import PeftLoop, Server, percentile, push_all  # bench/serve.py
 from engine import make_adapters  # bench/engine.py
+from serve import PeftLoop, Server, percentile, push_all  # bench/serve.py
 
-WORDS = ("the model serves many adapters on one base and every request names its own adapter while "
-         "the scheduler keeps decode rows running and cuts long prompts into chunks").split()
+WORDS = ["the", "model", "serves", "many", "adapters", "on", "one", "base", "and", "every", "request", "names", "its", "own", "adapter", "while", "the", "scheduler", "keeps", "decode", "rows", "running", "and", "cuts", "long", "prompts", "into", "chunks"]
 
 
 def text_of(tokenizer, n: int, seed: int) -> str:

@@ -8,8 +8,9 @@ import threading
 import grpc
 import pytest
 from adapterd.config import SchedulerConfig
-from adapterd.registry.cache import DirectoryResolver, ResolvedAdapter
+from adapterd.registry.directory import DirectoryResolver
 from adapterd.registry.store import Registry, blob_key, open_storage
+from adapterd.resolve import ResolvedAdapter
 
 from tests.grpc.conftest import registry_resolver
 from tests.grpc_harness import long_request, request

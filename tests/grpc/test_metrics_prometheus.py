@@ -26,7 +26,7 @@ import grpc
 import pytest
 from adapterd.config import CacheConfig
 from adapterd.metrics import Metrics
-from adapterd.registry.cache import DirectoryResolver
+from adapterd.registry.directory import DirectoryResolver
 from prometheus_client import CollectorRegistry
 
 from tests.grpc_harness import RunningServer, request

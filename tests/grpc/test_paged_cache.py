@@ -81,7 +81,6 @@ def test_deleting_a_version_frees_its_cached_blocks(versioned):
 def test_no_block_leaks_after_a_thousand_requests_with_cancels_and_deadlines(serve):
     server = serve(scheduler=SchedulerConfig(max_batch_size=16, max_queue=1024, max_input_tokens=200,
                                              max_total_tokens=256))
-    rng = random.Random(0)
     adapters = ["", "a0", "a1", "a2", "a3"]
     outcomes: dict[str, int] = {}
     lock = threading.Lock()

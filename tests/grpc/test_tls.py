@@ -20,7 +20,7 @@ from adapterctl import cli
 from adapterd import healthcheck
 from adapterd.auth import hash_token
 from adapterd.config import AuthConfig, TlsConfig
-from adapterd.registry.cache import DirectoryResolver
+from adapterd.registry.directory import DirectoryResolver
 from adapterd_api.v1 import inference_pb2_grpc as pb_grpc
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization

@@ -10,11 +10,12 @@ import time
 import pytest
 import torch
 from adapterd.config import CacheConfig
+from adapterd.engine.adapters import AdapterCache
 from adapterd.engine.lora import inject_lora
 from adapterd.engine.scheduler import Scheduler, Submission
 from adapterd.errors import FailedPrecondition, Unavailable
-from adapterd.registry.cache import AdapterCache, ResolvedAdapter
 from adapterd.registry.validate import AdapterWeights
+from adapterd.resolve import ResolvedAdapter
 from torch import nn
 
 IN, OUT, RANK = 8, 8, 2

@@ -5,8 +5,8 @@ from __future__ import annotations
 import bitsandbytes as bnb
 import pytest
 import torch
-from adapterd.engine.lora import BatchedLoraLinear, LoraSlots, SiblingGroup, reference_forward
 from adapterd.engine import nf4cpu
+from adapterd.engine.lora import BatchedLoraLinear, LoraSlots, SiblingGroup, reference_forward
 from adapterd.engine.nf4cpu import FusedKernel, PackedKernel
 
 pytestmark = pytest.mark.skipif(

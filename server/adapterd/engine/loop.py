@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from adapterd import errors
 from adapterd.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from adapterd.engine import attention, chat, limits, nf4cpu
+from adapterd.engine.adapters import AdapterCache
 from adapterd.engine.chat import Message
 from adapterd.engine.generate import Generator, Request, TokenEvent
 from adapterd.engine.grammar import GrammarCompiler, ResponseFormat
@@ -34,7 +35,7 @@ from adapterd.engine.kv import prefix_salt
 from adapterd.engine.paged import PagedGenerator
 from adapterd.engine.sampling import SamplingParams
 from adapterd.engine.scheduler import Scheduler, Submission
-from adapterd.registry.cache import AdapterCache, Resolver
+from adapterd.resolve import Resolver
 
 log = logging.getLogger(__name__)
 

@@ -17,29 +17,18 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from adapterd.errors import InvalidArgument
+from adapterd.resolve import ModelSpec
 
 log = logging.getLogger(__name__)
 
 DEMO = "demo"  # --base-model demo: the random demo model (tests, benchmarks of the engine alone)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """What adapters are checked against: the base model's identity and its linear layers."""
-
-    name: str  # the directory's name, or the model's _name_or_path
-    identity: str  # sha256 of config.json: two bases with the same shapes still differ
-    model_type: str
-    # module path (as in the base model, e.g. "model.layers.0.self_attn.q_proj") -> (in, out)
-    linear_shapes: dict[str, tuple[int, int]]
 
 
 def default_device() -> torch.device:

@@ -22,8 +22,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from adapterd.engine.adapters import AdapterCache
 from adapterd.errors import AdapterdError
-from adapterd.registry.cache import AdapterCache, ResolvedAdapter
+from adapterd.resolve import ResolvedAdapter
 
 
 @dataclass(eq=False)

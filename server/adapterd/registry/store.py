@@ -57,6 +57,7 @@ from adapterd.registry.validate import (
     require_adapter_files,
     translate,
 )
+from adapterd.resolve import ResolvedAdapter
 
 __all__ = ["AdapterVersion", "Registry", "RegistryResolver", "Storage", "LocalStorage", "S3Storage", "S3Options", "open_storage"]
 
@@ -590,7 +591,7 @@ def open_registry(config, *, max_rank: int | None, spec=None) -> Registry:
 
 
 class RegistryResolver:
-    """The cache's resolver (registry/cache.py) on the registry: "name[@N]" -> the version's
+    """The cache's resolver (engine/adapters.py) on the registry: "name[@N]" -> the version's
     key "sha256:<digest>:<tenant>/<name>@<N>" and a loader that reads and verifies the files. Counts the
     requests for each version (ListAdapters shows them)."""
 
@@ -599,7 +600,6 @@ class RegistryResolver:
         self.requests: Counter[tuple[str, str, int]] = Counter()
 
     def resolve(self, tenant: str, ref: str):
-        from adapterd.registry.cache import ResolvedAdapter
 
         version = self.registry.resolve(tenant, ref)
         self.registry.check_servable(version)

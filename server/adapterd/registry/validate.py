@@ -17,7 +17,7 @@ import torch
 from adapterctl import adapter_check as check
 
 from adapterd import errors
-from adapterd.engine.model import ModelSpec
+from adapterd.resolve import ModelSpec
 
 # One to one: the client's check errors -> the server's typed errors (gRPC codes).
 _ERRORS: dict[type[check.CheckError], type[errors.AdapterdError]] = {
