@@ -251,7 +251,13 @@ def test_push_v2_while_v1_streams(local_server, adapters):
     assert new.adapter == "sql@2" and list(new.token_ids) != reference_v1  # the adapters differ
     assert _generate(server, "sql@1", max_new_tokens=LONG).token_ids == reference_v1  # pinned keeps v1
     thread.join(30)
-    assert result["tokens"] == reference_v1  # the running stream finished on v1
+    # The running stream finished on v1. Compared over the first 256 tokens: past that, the
+    # rows that joined it (v2's) change the LoRA path's matmul shapes, whose last-bit rounding
+    # can flip a near tie of this random model hundreds of tokens in (MKL's results depend on
+    # the batch shape); v1 and v2 already differ well before.
+    cut = 256
+    assert result["tokens"][:cut] == reference_v1[:cut]
+    assert list(new.token_ids)[:cut] != reference_v1[:cut]
 
 
 def test_delete_lets_running_requests_finish(local_server, adapters):
