@@ -1,7 +1,8 @@
 """Decode throughput of the batched-LoRA engine against PEFT, measured in one run.
 
-Prints one JSON object. Decode tokens/s = rows * N / (time(N + 1 new tokens) - time(1 new
-token)), so prefill is excluded the same way for every path. Medians over --repeats.
+Prints one JSON object. Decode tokens/s = rows / the median time of one decode step, over
+every step of --repeats runs: our paged engine timed around each step(), PEFT's generate()
+by a streamer that timestamps each step. Prefill is excluded the same way on both sides.
 
     mixed_tok_s        our engine, 16 rows over 8 rank-16 all-linear adapters
     single_tok_s       our engine, the same rows all on one adapter
@@ -39,26 +40,20 @@ def make_adapters(base_dir: Path, out: Path, n: int, rank: int) -> list[Path]:
     return dirs
 
 
-def timed(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-def decode_tok_s(run, rows: int, new_tokens: int, repeats: int) -> float:
-    run(new_tokens + 1)  # warm-up
-    full = timed(lambda: run(new_tokens + 1), repeats)
-    first = timed(lambda: run(1), repeats)
-    return rows * new_tokens / max(full - first, 1e-9)
+def step_tok_s(run, rows: int, new_tokens: int, repeats: int) -> float:
+    """rows / the median time of one decode step, over every step of `repeats` runs (the
+    first run is a warm-up). `run(n)` returns the per-step times of one run of n tokens."""
+    run(4)
+    times = [t for _ in range(repeats) for t in run(new_tokens)]
+    return rows / statistics.median(times)
 
 
 def engine_runner(base_dir: Path, adapters: list[Path], prompts: list[list[int]], slots_per_row: list[int]):
-    from adapterd.engine.generate import Generator, Request
+    from adapterd.engine import nf4cpu
+    from adapterd.engine.generate import Request
     from adapterd.engine.lora import inject_lora
     from adapterd.engine.model import load_base_model
+    from adapterd.engine.paged import PagedGenerator
     from adapterd.engine.sampling import SamplingParams
     from adapterd.registry.validate import read_adapter
 
@@ -66,17 +61,38 @@ def engine_runner(base_dir: Path, adapters: list[Path], prompts: list[list[int]]
     slots = inject_lora(model, num_slots=len(adapters) + 1, max_rank=64)
     for i, path in enumerate(adapters, start=1):
         slots.load(i, read_adapter(path, spec, 64))
+    attached = []
 
     def run_with(slot_of_row: list[int]):
-        def run(n: int):
-            gen = Generator(model, tokenizer, slots, eos_token_ids=set())
+        def run(n: int) -> list[float]:
+            gen = PagedGenerator(model, tokenizer, slots, kv_cache_bytes=256 << 20, eos_token_ids=set())
             params = SamplingParams(max_new_tokens=n)
             gen.add([Request(str(i), p, params, s) for i, (p, s) in enumerate(zip(prompts, slot_of_row, strict=True))])
+            gen.step()  # the prefill (and the first token): not a decode step
+            if not attached:  # the server attaches the direct 4-bit kernel after its warm-up
+                attached.append(nf4cpu.attach(slots.layers.values()))
+            times = []
             while gen.num_running:
+                t0 = time.perf_counter()
                 gen.step()
+                times.append(time.perf_counter() - t0)
+            return times
         return run
 
     return run_with
+
+
+class _StepClock:
+    """A generate() streamer that timestamps every step (the first put() is the prompt)."""
+
+    def __init__(self):
+        self.stamps: list[float] = []
+
+    def put(self, value) -> None:
+        self.stamps.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
 
 
 def peft_runner(base_dir: Path, adapters: list[Path], prompts: list[list[int]]):
@@ -93,11 +109,14 @@ def peft_runner(base_dir: Path, adapters: list[Path], prompts: list[list[int]]):
     mask = torch.ones_like(ids)
 
     def run_with(names: list[str] | None):
-        def run(n: int):
+        def run(n: int) -> list[float]:
             kw = {"adapter_names": names} if names else {}
+            clock = _StepClock()
             with torch.no_grad():
                 peft_model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
-                                    do_sample=False, pad_token_id=0, **kw)
+                                    do_sample=False, pad_token_id=0, streamer=clock, **kw)
+            stamps = clock.stamps[1:]  # [0]: the prompt, before the prefill
+            return [b - a for a, b in zip(stamps, stamps[1:], strict=False)]  # decode steps only
         return run
 
     return peft_model, run_with
@@ -129,13 +148,13 @@ def main(argv=None) -> int:
         mixed_slots = sorted((i % args.adapters) + 1 for i in range(args.rows))
         ours = engine_runner(base_dir, adapters, prompts, mixed_slots)
         r = {}
-        r["mixed_tok_s"] = decode_tok_s(ours(mixed_slots), args.rows, args.new_tokens, args.repeats)
-        r["single_tok_s"] = decode_tok_s(ours([1] * args.rows), args.rows, args.new_tokens, args.repeats)
-        r["base_tok_s"] = decode_tok_s(ours([0] * args.rows), args.rows, args.new_tokens, args.repeats)
+        r["mixed_tok_s"] = step_tok_s(ours(mixed_slots), args.rows, args.new_tokens, args.repeats)
+        r["single_tok_s"] = step_tok_s(ours([1] * args.rows), args.rows, args.new_tokens, args.repeats)
+        r["base_tok_s"] = step_tok_s(ours([0] * args.rows), args.rows, args.new_tokens, args.repeats)
         _, peft = peft_runner(base_dir, adapters, prompts)
-        r["peft_single_tok_s"] = decode_tok_s(peft(None), args.rows, args.new_tokens, args.repeats)
+        r["peft_single_tok_s"] = step_tok_s(peft(None), args.rows, args.new_tokens, args.repeats)
         names = [f"a{s - 1}" for s in mixed_slots]
-        r["peft_mixed_tok_s"] = decode_tok_s(peft(names), args.rows, args.new_tokens, args.repeats)
+        r["peft_mixed_tok_s"] = step_tok_s(peft(names), args.rows, args.new_tokens, args.repeats)
     out = {k: round(v, 1) for k, v in r.items()}
     out["mixed_over_peft_single"] = round(r["mixed_tok_s"] / r["peft_single_tok_s"], 3)
     out["mixed_over_peft_mixed"] = round(r["mixed_tok_s"] / r["peft_mixed_tok_s"], 3)
