@@ -146,16 +146,7 @@ class Generator:
     def _advance(self, row: _Row, token: int, logprob: float | None) -> TokenEvent:
         row.completion += 1
         row.last_token = token
-        params = row.request.params
-        reason = None
-        if token in self.eos and not params.ignore_eos:
-            text, reason = row.text.flush(), "eos"
-        else:
-            text, stopped = row.text.push(token)
-            if stopped:
-                reason = "stop"
-            elif row.completion >= params.max_new_tokens:
-                text, reason = text + row.text.flush(), "length"
+        text, reason = next_text(row.text, token, row.completion, row.request.params, self.eos)
         if reason is None:
             row.position += 1
         row.finished = reason is not None
@@ -195,6 +186,20 @@ class Generator:
             ids[i, length - len(p) :] = torch.tensor(p, dtype=torch.long)
             mask[i, length - len(p) :] = 1
         return ids.to(self.device), mask.to(self.device)
+
+
+def next_text(stream: TextStream, token: int, completion: int, params: SamplingParams,
+              eos: set[int]) -> tuple[str, str | None]:
+    """The text a row's new token prints, and why the row ends with it (None: it goes on).
+    Shared by both engines."""
+    if token in eos and not params.ignore_eos:
+        return stream.flush(), "eos"
+    text, stopped = stream.push(token)
+    if stopped:
+        return text, "stop"
+    if completion >= params.max_new_tokens:
+        return text + stream.flush(), "length"
+    return text, None
 
 
 def eos_ids(model, tokenizer) -> set[int]:

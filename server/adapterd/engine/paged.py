@@ -28,7 +28,7 @@ import torch
 
 from adapterd.engine import attention, native
 from adapterd.engine.attention import Chunk, StepAttention
-from adapterd.engine.generate import Request, TokenEvent, eos_ids
+from adapterd.engine.generate import Request, TokenEvent, eos_ids, next_text
 from adapterd.engine.kv import DEFAULT_BLOCK_SIZE, Blocks, KVPool, chain
 from adapterd.engine.lora import LoraSlots
 from adapterd.engine.sampling import RowSampler, choose_tokens
@@ -284,16 +284,7 @@ class PagedGenerator:
 
     def _advance(self, row: _Row, token: int, logprob: float | None) -> TokenEvent:
         row.completion += 1
-        params = row.request.params
-        reason = None
-        if token in self.eos and not params.ignore_eos:
-            text, reason = row.text.flush(), "eos"
-        else:
-            text, stopped = row.text.push(token)
-            if stopped:
-                reason = "stop"
-            elif row.completion >= params.max_new_tokens:
-                text, reason = text + row.text.flush(), "length"
+        text, reason = next_text(row.text, token, row.completion, row.request.params, self.eos)
         if reason is None:
             row.tokens.append(token)
         else:
