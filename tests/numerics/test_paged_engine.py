@@ -162,3 +162,29 @@ def test_bfloat16(model_factory, adapter_factory):
         want = _reference(engine, r)
         # bf16 rounding differs between the two attention paths: the first tokens agree
         assert got[r.id][:4] == want[:4]
+
+
+def test_a_row_with_non_finite_logits_fails_alone(model_factory, adapter_factory):
+    """An adapter whose weights overflow (pushed past every check, say) gives NaN or inf
+    logits: that request ends with an error while the rows beside it go on unchanged."""
+    model, tokenizer, slots = _engine(model_factory, adapter_factory, "llama")
+    from types import SimpleNamespace
+
+    huge = {name: (torch.full((4, layer.in_features), 1e30), torch.full((layer.out_features, 4), 1e30))
+            for name, layer in slots.layers.items()}
+    slots.load(2, SimpleNamespace(tensors=huge, rank=4, scaling=1.0))
+    good = Request("good", _prompt(12, 1), GREEDY, 1)
+    want = _run(_paged((model, tokenizer, slots)), {0: [good]})["good"]
+    gen = _paged((model, tokenizer, slots))
+    events = gen.add([Request("bad", _prompt(9, 2), GREEDY, 2), good])
+    got = []
+    while gen.num_running:
+        events += gen.step()
+    for e in events:
+        if e.request_id == "bad":
+            assert e.finished and e.error is not None and "non-finite" in e.error
+        else:
+            got.append(e.token_id)
+    assert got == want
+    assert sum(e.request_id == "bad" for e in events) == 1
+    assert gen.blocks.held == 0
