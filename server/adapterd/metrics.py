@@ -239,6 +239,7 @@ class Metrics:
             "accelerator's adapter slots); the value is the time of the last update.",
             ["running_lora_adapters", "waiting_lora_adapters", "max_lora"], registry=r)
         self._lora_labels: tuple[str, str, str] | None = None
+        self._prefix_totals = (0, 0)  # the engine's totals at the last set_kv()
         self.build_info = Info("adapterd_build", "Versions this server runs.", registry=r)
         self.build_info.info(_build_labels())
 
@@ -342,8 +343,11 @@ class Metrics:
             self.kv_blocks.labels(state).set(n)
         self.kv_usage.set(held / max(1, held + cached + free))
         self.kv_tokens.set(tokens)
-        self.prefix_lookups.inc(max(0, lookups - self.prefix_lookups._value.get()))
-        self.prefix_hits.inc(max(0, hits - self.prefix_hits._value.get()))
+        last_lookups, last_hits = self._prefix_totals
+        # Totals below the last ones: a new engine counting from 0 (a test's second server).
+        self.prefix_lookups.inc(lookups - last_lookups if lookups >= last_lookups else lookups)
+        self.prefix_hits.inc(hits - last_hits if hits >= last_hits else hits)
+        self._prefix_totals = (lookups, hits)
 
     # --- adapter cache -----------------------------------------------------------------
 

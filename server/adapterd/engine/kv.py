@@ -51,8 +51,18 @@ class KVPool:
         self.v = torch.empty(shape, dtype=dtype, device=device)
 
     @staticmethod
-    def bytes_per_token(num_layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
-        return 2 * num_layers * kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+    def shape_of(model) -> tuple[int, int, int, torch.dtype]:
+        """(layers, kv_heads, head_dim, dtype) of a model's K/V: what a pool for it holds."""
+        c = model.config
+        kv_heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+        head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        dtype = next((p.dtype for p in model.parameters() if p.dtype.is_floating_point), torch.float32)
+        return c.num_hidden_layers, kv_heads, head_dim, dtype
+
+    @staticmethod
+    def bytes_per_token(model) -> int:
+        layers, kv_heads, head_dim, dtype = KVPool.shape_of(model)
+        return 2 * layers * kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
 
     @property
     def nbytes(self) -> int:

@@ -31,7 +31,7 @@ from adapterd.engine.adapters import AdapterCache
 from adapterd.engine.chat import Message
 from adapterd.engine.generate import Generator, Request, TokenEvent
 from adapterd.engine.grammar import GrammarCompiler, ResponseFormat
-from adapterd.engine.kv import prefix_salt
+from adapterd.engine.kv import KVPool, prefix_salt
 from adapterd.engine.paged import PagedGenerator
 from adapterd.engine.sampling import SamplingParams
 from adapterd.engine.scheduler import Scheduler, Submission
@@ -390,11 +390,7 @@ class EngineLoop:
         return gen
 
     def _auto_kv_bytes(self, model) -> int:
-        c = model.config
-        kv_heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
-        head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-        elem = next(p for p in model.parameters() if p.dtype.is_floating_point).element_size()
-        per_token = 2 * c.num_hidden_layers * kv_heads * head_dim * elem
+        per_token = KVPool.bytes_per_token(model)
         want = self.config.max_batch_size * self.config.max_total_tokens * per_token
         return max(min(want, AUTO_KV_MAX_BYTES), self.config.max_total_tokens * per_token + per_token * 64)
 

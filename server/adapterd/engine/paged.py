@@ -69,12 +69,8 @@ class PagedGenerator:
         self.eos = eos_token_ids if eos_token_ids is not None else eos_ids(model, tokenizer)
         self.step_tokens = step_tokens
         self.max_wait_s = max_wait_s
-        layers = cfg.num_hidden_layers
-        kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        dtype = _compute_dtype(model)
-        per_token = KVPool.bytes_per_token(layers, kv_heads, head_dim, dtype)
-        num_blocks = max(1, kv_cache_bytes // (per_token * block_size))
+        layers, kv_heads, head_dim, dtype = KVPool.shape_of(model)
+        num_blocks = max(1, kv_cache_bytes // (KVPool.bytes_per_token(model) * block_size))
         self.pool = KVPool(layers, num_blocks, block_size, kv_heads, head_dim, dtype, self.device)
         self.blocks = Blocks(num_blocks, block_size)
         self.block_size = block_size
@@ -300,9 +296,3 @@ class PagedGenerator:
         self.blocks.reserved -= row.reserve
         row.blocks, row.reserve = [], 0
 
-
-def _compute_dtype(model) -> torch.dtype:
-    for p in model.parameters():
-        if p.dtype.is_floating_point:
-            return p.dtype
-    return torch.float32
