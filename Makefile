@@ -31,7 +31,7 @@ test: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 lint: setup
-	$(VENV)/bin/ruff check server clients tests bench
+	$(VENV)/bin/ruff check server clients common tests bench
 
 # The mypy plugins live in the venv's bin, which need not be on PATH: name them.
 proto: setup

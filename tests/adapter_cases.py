@@ -7,7 +7,7 @@ import json
 import shutil
 from pathlib import Path
 
-from adapterctl import adapter_check as check
+import adapterd_rules as check
 from adapterd import errors
 
 

@@ -5,7 +5,7 @@
     show NAME[@V] [--json]                           one version in full
     delete NAME[@V]                                  one version, or every version of NAME
 
-`push` checks the adapter with the server's own rules (adapter_check.py, against the base
+`push` checks the adapter with the server's own rules (adapterd_rules, against the base
 model's layers from GetPushRules) before sending a byte, so a mistake shows at once; the
 server checks again. Library use:
 
@@ -22,28 +22,23 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import adapterd_rules
 import grpc
 from adapterd_api.v1 import adapters_pb2 as pb
 from adapterd_api.v1 import adapters_pb2_grpc as pb_grpc
 from google.protobuf.json_format import MessageToDict
 
-from adapterctl import adapter_check as check
 from adapterctl.client import Client
 from adapterctl.terminal import json_line, safe
 
 CHUNK_BYTES = 1 << 20
 PROGRESS_FROM_BYTES = 8 << 20  # a progress bar for files this large
 
-# A failed local check exits as the server's answer would: 10 + the status code number.
-_CHECK_CODES = {
-    check.AdapterMismatch: grpc.StatusCode.FAILED_PRECONDITION,
-    check.AdapterTooLarge: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    check.CheckError: grpc.StatusCode.INVALID_ARGUMENT,
-}
 
-
-def check_code(e: check.CheckError) -> grpc.StatusCode:
-    return next(code for cls, code in _CHECK_CODES.items() if isinstance(e, cls))
+def check_code(e: adapterd_rules.AdapterdError) -> grpc.StatusCode:
+    """The status the server would answer a failed check with: a local one exits as the
+    server's answer would, 10 + the status code number."""
+    return grpc.StatusCode[e.code]
 
 
 # ---- library ------------------------------------------------------------------------------
@@ -51,17 +46,18 @@ def check_code(e: check.CheckError) -> grpc.StatusCode:
 
 def adapter_files(directory: Path) -> list[tuple[str, Path]]:
     """The two files of a PEFT adapter directory; refuses a pickled .bin and links out."""
-    _, weights = check.read_adapter_dir(Path(directory))
-    return [(check.CONFIG_FILE, Path(directory) / check.CONFIG_FILE), (check.WEIGHTS_FILE, weights)]
+    _, weights = adapterd_rules.read_adapter_dir(Path(directory))
+    config = adapterd_rules.CONFIG_FILE
+    return [(config, Path(directory) / config), (adapterd_rules.WEIGHTS_FILE, weights)]
 
 
-def check_locally(directory: Path, rules: pb.PushRules | None = None) -> check.CheckedAdapter:
+def check_locally(directory: Path, rules: pb.PushRules | None = None) -> adapterd_rules.CheckedAdapter:
     """The server's checks, here. With `rules` also rank, size and fit to the base model."""
-    config_bytes, weights = check.read_adapter_dir(Path(directory))
+    config_bytes, weights = adapterd_rules.read_adapter_dir(Path(directory))
     if rules is None:
-        return check.check_adapter(config_bytes, weights)
+        return adapterd_rules.check_adapter(config_bytes, weights)
     shapes = {p: (s.in_features, s.out_features) for p, s in rules.linear_shapes.items()} or None
-    return check.check_adapter(
+    return adapterd_rules.check_adapter(
         config_bytes, weights, linear_shapes=shapes,
         max_rank=rules.max_rank or None, max_bytes=rules.max_adapter_bytes or None,
     )
@@ -77,7 +73,7 @@ def push_requests(
     progress: Callable[[int], None] | None = None,
 ) -> Iterator[pb.PushAdapterRequest]:
     """The PushAdapter stream: the header (names, sizes, sha256s), then every file's bytes."""
-    infos = [pb.FileInfo(name=n, size=p.stat().st_size, sha256=check.sha256_file(p)) for n, p in files]
+    infos = [pb.FileInfo(name=n, size=p.stat().st_size, sha256=adapterd_rules.sha256_file(p)) for n, p in files]
     yield pb.PushAdapterRequest(header=pb.PushHeader(
         name=name, description=description, files=infos,
         visibility=pb.VISIBILITY_PUBLIC if public else pb.VISIBILITY_PRIVATE,
@@ -105,8 +101,8 @@ class AdaptersClient:
 
     def push(self, directory: Path, name: str, *, description: str = "", public: bool = False,
              check_first: bool = True, progress: Callable[[int], None] | None = None) -> pb.Adapter:
-        """Check (unless check_first=False), then upload. Raises check.CheckError or grpc.RpcError."""
-        check.check_name(name)
+        """Check (unless check_first=False), then upload. Raises adapterd_rules.AdapterdError or grpc.RpcError."""
+        adapterd_rules.check_name(name)
         if check_first:
             check_locally(directory, self.rules())
         requests = push_requests(adapter_files(directory), name, description=description, public=public,
@@ -141,7 +137,7 @@ def register(subparsers) -> None:
         "safe_serialization=True.",
     )
     p.add_argument("dir", type=Path, metavar="DIR")
-    p.add_argument("--name", required=True, help="[a-z0-9][a-z0-9._-]{0,63}")
+    p.add_argument("--name", required=True, help=adapterd_rules.NAME_PATTERN)
     p.add_argument("--description", default="", help="a line about what the adapter does")
     p.add_argument("--public", action="store_true", help="let every tenant use it (default: yours only)")
     p.add_argument("--no-check", action="store_true", help="skip the local check (the server checks anyway)")
@@ -173,7 +169,7 @@ def run_push(args: argparse.Namespace) -> int:
     try:
         with Client.from_args(args) as client:
             ctl = AdaptersClient(client)
-            check.check_name(args.name)
+            adapterd_rules.check_name(args.name)
             files = adapter_files(args.dir)
             if not args.no_check:
                 check_locally(args.dir, ctl.rules())
@@ -184,7 +180,7 @@ def run_push(args: argparse.Namespace) -> int:
             adapter = ctl.stub.PushAdapter(requests, **ctl._kw())
             if bar:
                 bar.done()
-    except check.CheckError as e:
+    except adapterd_rules.AdapterdError as e:
         code = check_code(e)
         print(f"adapterctl: {code.name}: {safe(e)} (checked locally; nothing was uploaded)", file=sys.stderr)
         return 10 + code.value[0]

@@ -41,10 +41,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from adapterd_rules import is_name
+
 from adapterd.errors import PermissionDenied, ResourceExhausted, Unauthenticated
 from adapterd.tenancy import ROLES, Principal
 
-TENANT_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 _HASH_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
 TOKEN_PREFIX = "adt_"
 WINDOW_S = 60.0
@@ -146,7 +147,7 @@ def parse_auth(data: object, *, source: str = "auth file") -> AuthFile:
     seen: dict[bytes, str] = {}
     for tenant, body in tenants.items():
         where = f"[tenants.{tenant}]"
-        if not TENANT_RE.match(tenant):
+        if not is_name(tenant):
             raise fail(where, "a tenant name is 1-64 of [a-z0-9._-], starting with a letter or digit")
         if not isinstance(body, dict):
             raise fail(where, "expected a table")

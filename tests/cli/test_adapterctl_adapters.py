@@ -7,9 +7,9 @@ from __future__ import annotations
 import json
 import shutil
 
+import adapterd_rules as check
 import pytest
 import torch
-from adapterctl import adapter_check as check
 from adapterctl.cli import main as adapterctl
 from adapterd.config import CacheConfig, ModelConfig
 from adapterd.engine.loop import load_engine_parts

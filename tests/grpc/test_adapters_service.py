@@ -8,9 +8,9 @@ from __future__ import annotations
 import threading
 from dataclasses import replace
 
+import adapterd_rules as check
 import grpc
 import pytest
-from adapterctl import adapter_check as check
 from adapterctl.adapters import AdaptersClient, push_requests
 from adapterctl.client import Client
 from adapterd.config import CacheConfig

@@ -28,19 +28,19 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import adapterd_rules as check
 import grpc
 import pytest
-from adapterctl import adapter_check as check
 from adapterctl.adapters import AdaptersClient, adapter_files, push_requests
 from adapterctl.client import Client, auth_metadata
 from adapterctl.train import TrainingClient
 from adapterd.auth import hash_token
-from adapterd.config import AuthConfig, CacheConfig, UploadConfig
+from adapterd.config import AuthConfig, CacheConfig, TrainingConfig, UploadConfig
 from adapterd.metrics import Metrics
 from adapterd.registry.storage import LocalStorage
 from adapterd.registry.store import Registry, RegistryResolver, blob_key
 from adapterd.training import registry_publisher
-from adapterd.training.jobs import JobManager, JobsConfig
+from adapterd.training.jobs import JobManager
 from adapterd_api.v1 import adapters_pb2 as apb
 from adapterd_api.v1 import inference_pb2 as ipb
 from adapterd_api.v1 import inference_pb2_grpc as ipb_grpc
@@ -67,7 +67,7 @@ def _start(parts_for, tiny_base, root: Path, uploads: UploadConfig) -> RunningSe
     (root / "auth.toml").write_text(AUTH)
     registry = Registry(LocalStorage(root / "registry"), max_rank=MAX_RANK, max_bytes=1 << 30, deleted_grace_s=0)
     parts = parts_for(4)
-    jobs = JobManager(JobsConfig(root=root / "jobs", base_model=tiny_base, max_rank=MAX_RANK),
+    jobs = JobManager(TrainingConfig(jobs_dir=root / "jobs"), base_model=tiny_base, max_rank=MAX_RANK,
                       publish=registry_publisher(registry), tokenizer=parts.tokenizer,
                       module_names=parts.spec.linear_shapes)
     server = RunningServer.start(parts, RegistryResolver(registry), registry=registry, jobs=jobs,

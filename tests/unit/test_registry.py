@@ -16,9 +16,9 @@ import threading
 import time
 from pathlib import Path
 
+import adapterd_rules as check
 import pytest
 import torch
-from adapterctl import adapter_check as check
 from adapterd import errors
 from adapterd.engine.model import model_spec
 from adapterd.registry.storage import LocalStorage, S3Options, S3Storage
@@ -82,6 +82,25 @@ def test_push_makes_numbered_immutable_versions(registry, llama):
     assert v1.description == "first" and v1.visibility == "private" and v1.source == "pushed"
     assert v2.visibility == "public" and v1.created_at <= v2.created_at
     assert AdapterVersion.from_json(v1.to_json()) == v1
+
+
+def test_a_push_reads_each_file_once_to_hash_it(registry, llama, monkeypatch):
+    """The registry records the digests a push computed as the bytes arrived, and a push
+    without them hashes each file once, not once to check and again to record."""
+    import hashlib
+
+    _, (a1, a2, _) = llama
+    hashed = []
+    real = check.sha256_file
+    monkeypatch.setattr(check, "sha256_file", lambda path, *a: hashed.append(Path(path).name) or real(path, *a))
+    v1 = registry.push("default", "sql", a1)
+    assert hashed == [check.WEIGHTS_FILE]
+    given = {n: hashlib.sha256((a2 / n).read_bytes()).hexdigest() for n in check.ADAPTER_FILES}
+    hashed.clear()
+    v2 = registry.push("default", "sql", {n: a2 / n for n in check.ADAPTER_FILES}, sha256=given)
+    assert hashed == [] and {n: e.sha256 for n, e in v2.files.items()} == given
+    assert v2.sha256 == check.adapter_digest(given) != v1.sha256
+    assert registry.load(v2).sha256 == v2.sha256  # what was recorded is what the files hold
 
 
 def test_load_is_verified_and_equals_the_directory(registry, llama):

@@ -10,9 +10,9 @@ import shutil
 import struct
 from pathlib import Path
 
+import adapterd_rules as check
 import pytest
 import torch
-from adapterctl import adapter_check as check
 from adapterd import errors
 from adapterd.engine.demo import save_random_model
 from adapterd.engine.model import ModelSpec, model_spec

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
-from adapterctl.adapter_check import quote
+from adapterd_rules import CONFIG_FILE, WEIGHTS_FILE, parse_ref, quote
 
 from adapterd import errors
 from adapterd.resolve import ResolvedAdapter
-
-NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 
 
 class DirectoryResolver:
@@ -21,24 +18,19 @@ class DirectoryResolver:
         self.root = Path(root)
 
     def resolve(self, tenant: str, ref: str) -> ResolvedAdapter:
-        owner, _, rest = ref.rpartition("/")
-        name, _, version = rest.partition("@")
-        if owner and owner != tenant:
+        owner, name, version = parse_ref(ref)
+        if owner is not None and owner != tenant:
             raise errors.NotFound(f"adapter {quote(ref)} not found")
-        if not NAME_RE.fullmatch(name):
-            raise errors.InvalidArgument(
-                f"adapter {quote(ref)}: a name is 1-64 of a-z, 0-9, '.', '_', '-', starting with a letter or digit"
-            )
-        if version:
+        if version is not None:
             raise errors.NotFound(f"adapter {quote(ref)} not found: this server serves adapters by name only (no versions)")
         path = self.root / name
-        config = path / "adapter_config.json"
+        config = path / CONFIG_FILE
         try:
             identity = [_stat_identity(config)]
         except FileNotFoundError:
             raise errors.NotFound(f"adapter {name!r} not found (no {config})") from None
         try:
-            identity.append(_stat_identity(path / "adapter_model.safetensors"))
+            identity.append(_stat_identity(path / WEIGHTS_FILE))
         except FileNotFoundError:
             identity.append("-")  # the load says what is missing
         return ResolvedAdapter(

@@ -38,7 +38,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from adapterctl import adapter_check as check
+import adapterd_rules as rules
 
 from adapterd import errors
 from adapterd.registry.storage import (
@@ -51,12 +51,7 @@ from adapterd.registry.storage import (
     _pid_alive,
     open_storage,
 )
-from adapterd.registry.validate import (
-    AdapterWeights,
-    load_adapter_files,
-    require_adapter_files,
-    translate,
-)
+from adapterd.registry.validate import AdapterWeights, load_adapter_files
 from adapterd.resolve import ResolvedAdapter
 
 __all__ = ["AdapterVersion", "Registry", "RegistryResolver", "Storage", "LocalStorage", "S3Storage", "S3Options", "open_storage"]
@@ -171,6 +166,7 @@ class Registry:
         name: str,
         files: Path | Mapping[str, bytes | Path],
         *,
+        sha256: Mapping[str, str] | None = None,
         description: str = "",
         visibility: str = "private",
         source: str = "pushed",
@@ -178,30 +174,29 @@ class Registry:
         metrics: Mapping[str, float] | None = None,
     ) -> AdapterVersion:
         """Check and publish `files` (an adapter directory, or {file name: bytes or path})
-        as the next version of tenant/name."""
+        as the next version of tenant/name. `sha256`: {file name: hex digest} of files the
+        caller hashed as they arrived (a push), so that no file is read twice to hash it."""
         self._check_names(tenant, name)
         if self.spec is None and self.require_spec:
             raise errors.Unavailable("the base model is not loaded yet, and pushes are checked against it; retry shortly")
         if visibility not in VISIBILITIES:
-            raise errors.InvalidArgument(f"visibility must be one of {VISIBILITIES}; got {check.quote(visibility)}")
+            raise errors.InvalidArgument(f"visibility must be one of {VISIBILITIES}; got {rules.quote(visibility)}")
         if source not in SOURCES:
-            raise errors.InvalidArgument(f"source must be one of {SOURCES}; got {check.quote(source)}")
-        try:
-            check.check_text(description, "description")
-        except check.CheckError as e:
-            raise translate(e) from e
+            raise errors.InvalidArgument(f"source must be one of {SOURCES}; got {rules.quote(source)}")
+        rules.check_text(description, "description")
         config_bytes, weights = self._adapter_files(files)
+        contents = {rules.CONFIG_FILE: config_bytes, rules.WEIGHTS_FILE: weights}
+        entries = {n: _file_entry(c, (sha256 or {}).get(n)) for n, c in contents.items()}
+        digest = rules.adapter_digest({n: e.sha256 for n, e in entries.items()})
         # Load the tensors too: catches NaN/inf and anything the header check cannot see.
         if self.spec is not None:
-            adapter = load_adapter_files(config_bytes, weights, self.spec, self.max_rank, max_bytes=self.max_bytes)
+            adapter = load_adapter_files(config_bytes, weights, self.spec, self.max_rank, sha256=digest,
+                                         max_bytes=self.max_bytes)
             rank, alpha, scaling, targets = adapter.rank, adapter.alpha, adapter.scaling, adapter.target_modules
         else:
-            checked = self._check(config_bytes, weights)
+            checked = rules.check_adapter(config_bytes, weights, max_rank=self.max_rank, max_bytes=self.max_bytes)
             s = checked.settings
             rank, alpha, scaling, targets = s.rank, s.alpha, s.scaling, checked.target_modules
-        contents = {check.CONFIG_FILE: config_bytes, check.WEIGHTS_FILE: weights}
-        entries = {n: _file_entry(c) for n, c in contents.items()}
-        digest = check.adapter_digest({n: e.sha256 for n, e in entries.items()})
         try:
             with self.storage.push_lock():
                 version = self._write(tenant, name, contents, entries, digest, dict(
@@ -258,32 +253,21 @@ class Registry:
             except Exception:  # noqa: BLE001
                 log.warning("registry %s: could not remove the note %s of a failed push", self.storage.url, pending)
 
-    def _check_names(self, tenant: str, name: str) -> None:
-        try:
-            check.check_name(tenant, "tenant")
-            check.check_name(name)
-        except check.CheckError as e:
-            raise translate(e) from e
-
-    def _check(self, config_bytes: bytes, weights: bytes | Path) -> check.CheckedAdapter:
-        try:
-            return check.check_adapter(config_bytes, weights, max_rank=self.max_rank, max_bytes=self.max_bytes)
-        except check.CheckError as e:
-            raise translate(e) from e
+    @staticmethod
+    def _check_names(tenant: str, name: str) -> None:
+        rules.check_name(tenant, "tenant")
+        rules.check_name(name)
 
     @staticmethod
     def _adapter_files(files: Path | Mapping[str, bytes | Path]) -> tuple[bytes, bytes | Path]:
         if isinstance(files, (str, Path)):
-            try:
-                return check.read_adapter_dir(Path(files))
-            except check.CheckError as e:
-                raise translate(e) from e
+            return rules.read_adapter_dir(Path(files))
         names = set(files)
         # A pickle beside the safetensors file, or a model card, is left out, not refused.
-        require_adapter_files(names, ignored=set(check.PICKLED_FILES) | {"README.md"})
-        config = files[check.CONFIG_FILE]
+        rules.require_adapter_files(names, ignored=set(rules.PICKLED_FILES) | {"README.md"})
+        config = files[rules.CONFIG_FILE]
         config_bytes = Path(config).read_bytes() if isinstance(config, (str, Path)) else bytes(config)
-        weights = files[check.WEIGHTS_FILE]
+        weights = files[rules.WEIGHTS_FILE]
         return config_bytes, Path(weights) if isinstance(weights, str) else weights
 
     def _begin_push(self, blobs: list[str]) -> str:
@@ -359,10 +343,7 @@ class Registry:
         """"name", "name@3", "tenant/name@3" as seen by `tenant`: its own adapters, and other
         tenants' public ones. Anything else is NOT_FOUND, worded the same whether it is
         absent, private to someone else, or deleted, so names of others do not leak."""
-        try:
-            owner, name, version = check.parse_ref(ref)
-        except check.CheckError as e:
-            raise translate(e) from e
+        owner, name, version = rules.parse_ref(ref)
         owner = owner or tenant
         state = self._name_state(owner, name)
         if version is not None and version not in state.versions and self.list_ttl_s > 0:
@@ -399,19 +380,12 @@ class Registry:
             out[fname] = data
         return out
 
-    def materialize(self, version: AdapterVersion, dest: Path) -> Path:
-        """Write the verified files of `version` as a PEFT adapter directory `dest`."""
-        dest.mkdir(parents=True, exist_ok=True)
-        for fname, data in self.read_files(version).items():
-            (dest / fname).write_bytes(data)
-        return dest
-
     def load(self, version: AdapterVersion) -> AdapterWeights:
         """Verified files -> checked AdapterWeights for the served base model."""
         self.check_servable(version)
         files = self.read_files(version)
         return load_adapter_files(
-            files[check.CONFIG_FILE], files[check.WEIGHTS_FILE], self.spec, self.max_rank,
+            files[rules.CONFIG_FILE], files[rules.WEIGHTS_FILE], self.spec, self.max_rank,
             name=version.ref, sha256=version.sha256,
         )
 
@@ -472,10 +446,7 @@ class Registry:
         """Delete one version ("name@3") or every version ("name") of the caller's adapter.
         Requests already running on it keep their loaded weights and finish; new ones get
         NOT_FOUND. Returns the versions deleted."""
-        try:
-            owner, name, version = check.parse_ref(ref)
-        except check.CheckError as e:
-            raise translate(e) from e
+        owner, name, version = rules.parse_ref(ref)
         if owner is not None and owner != tenant:
             self.resolve(tenant, ref)  # NOT_FOUND unless visible
             raise errors.PermissionDenied(f"adapter {ref!r} belongs to tenant {owner!r}; only its owner can delete it")
@@ -560,10 +531,11 @@ class Registry:
         return removed
 
 
-def _file_entry(content: bytes | Path) -> FileEntry:
+def _file_entry(content: bytes | Path, sha256: str | None = None) -> FileEntry:
+    """The record of one file; `sha256` when the caller hashed it already."""
     if isinstance(content, (bytes, bytearray, memoryview)):
-        return FileEntry(hashlib.sha256(content).hexdigest(), len(content))
-    return FileEntry(check.sha256_file(content), os.path.getsize(content))
+        return FileEntry(sha256 or hashlib.sha256(content).hexdigest(), len(content))
+    return FileEntry(sha256 or rules.sha256_file(content), os.path.getsize(content))
 
 
 def _encode_token(rec: AdapterVersion) -> str:

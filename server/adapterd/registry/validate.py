@@ -1,10 +1,10 @@
-"""Adapter checks against the served base model, and loading the weights for the engine.
+"""Loading a checked adapter's weights for the engine.
 
-The rules that need no tensor values (names, adapter_config.json, the safetensors header,
-shapes against the base) live in adapterctl.adapter_check so the client applies the same
-ones before an upload; this module translates its errors into adapterd's typed errors and
-then loads the tensors, which are checked once more for non-finite values. Nothing is
-partially loaded: any failure raises before an AdapterWeights exists.
+Every rule that needs no tensor values (names, adapter_config.json, the safetensors header,
+shapes against the base) is in adapterd_rules, which the client applies too before an
+upload; this module runs those, then loads the tensors and checks them once more for values
+whose outputs would not be finite. Nothing is partially loaded: any failure raises before an
+AdapterWeights exists.
 """
 
 from __future__ import annotations
@@ -13,32 +13,11 @@ import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import adapterd_rules as rules
 import torch
-from adapterctl import adapter_check as check
 
 from adapterd import errors
 from adapterd.resolve import ModelSpec
-
-# One to one: the client's check errors -> the server's typed errors (gRPC codes).
-_ERRORS: dict[type[check.CheckError], type[errors.AdapterdError]] = {
-    check.InvalidName: errors.InvalidArgument,
-    check.InvalidText: errors.InvalidArgument,
-    check.PickledWeights: errors.PickledWeights,
-    check.UnsupportedAdapter: errors.UnsupportedAdapter,
-    check.CorruptSafetensors: errors.CorruptSafetensors,
-    check.UnknownTargetModule: errors.UnknownTargetModule,
-    check.InvalidAdapter: errors.InvalidAdapter,
-    check.AdapterMismatch: errors.AdapterMismatch,
-    check.AdapterTooLarge: errors.AdapterTooLarge,
-}
-
-
-def translate(e: check.CheckError) -> errors.AdapterdError:
-    """The adapterd error for a check error (most specific class first)."""
-    for cls in type(e).__mro__:
-        if cls in _ERRORS:
-            return _ERRORS[cls](str(e))
-    return errors.InvalidArgument(str(e))
 
 
 @dataclass
@@ -59,10 +38,6 @@ class AdapterWeights:
     nbytes: int  # size of the files
     config: dict = field(repr=False)
 
-    @property
-    def identity(self) -> str:
-        return self.sha256
-
 
 def validate_adapter_files(
     config_bytes: bytes,
@@ -71,19 +46,16 @@ def validate_adapter_files(
     max_rank: int | None,
     *,
     max_bytes: int | None = None,
-) -> check.CheckedAdapter:
-    """Every check short of loading tensor values; raises adapterd typed errors.
-    `spec=None` skips the base-model fit (shapes, modules)."""
-    try:
-        return check.check_adapter(
-            config_bytes,
-            weights,
-            linear_shapes=spec.linear_shapes if spec is not None else None,
-            max_rank=max_rank,
-            max_bytes=max_bytes,
-        )
-    except check.CheckError as e:
-        raise translate(e) from e
+) -> rules.CheckedAdapter:
+    """Every check short of loading tensor values. `spec=None` skips the base-model fit
+    (shapes, modules)."""
+    return rules.check_adapter(
+        config_bytes,
+        weights,
+        linear_shapes=spec.linear_shapes if spec is not None else None,
+        max_rank=max_rank,
+        max_bytes=max_bytes,
+    )
 
 
 def load_adapter_files(
@@ -122,7 +94,7 @@ def load_adapter_files(
     )
 
 
-def check_finite_outputs(path: str, mod: check.LoraModule, a: torch.Tensor, b: torch.Tensor,
+def check_finite_outputs(path: str, mod: rules.LoraModule, a: torch.Tensor, b: torch.Tensor,
                          scaling: float, rank: int) -> None:
     """Refuse weights that cannot give finite outputs: NaN or inf, |A| or |scaling * B| above
     MAX_ABS_WEIGHT, or a delta scaling * B @ A that can pass MAX_DELTA per weight (bounded,
@@ -130,27 +102,27 @@ def check_finite_outputs(path: str, mod: check.LoraModule, a: torch.Tensor, b: t
     for key, t in ((mod.a_key, a), (mod.b_key, b)):
         if not torch.isfinite(t).all():
             raise errors.InvalidAdapter(
-                f"tensor {check.quote(key)} holds NaN or infinite values (as float32): the adapter's outputs "
+                f"tensor {rules.quote(key)} holds NaN or infinite values (as float32): the adapter's outputs "
                 "would not be finite numbers"
             )
     max_a, max_b = float(a.abs().max()), float(b.abs().max())
-    limit = check.MAX_ABS_WEIGHT
+    limit = rules.MAX_ABS_WEIGHT
     if max_a > limit:
         raise errors.InvalidAdapter(
-            f"tensor {check.quote(mod.a_key)} holds values up to {max_a:g}, above the limit of {limit:g}: "
+            f"tensor {rules.quote(mod.a_key)} holds values up to {max_a:g}, above the limit of {limit:g}: "
             "the adapter's outputs would not be finite numbers"
         )
     if abs(scaling) * max_b > limit:
         raise errors.InvalidAdapter(
-            f"tensor {check.quote(mod.b_key)} times the LoRA scaling {scaling:g} holds values up to "
+            f"tensor {rules.quote(mod.b_key)} times the LoRA scaling {scaling:g} holds values up to "
             f"{abs(scaling) * max_b:g}, above the limit of {limit:g}: the adapter's outputs would not be "
             "finite numbers; lower lora_alpha or the weights"
         )
     bound = abs(scaling) * rank * max_a * max_b
-    if bound > check.MAX_DELTA:
+    if bound > rules.MAX_DELTA:
         raise errors.InvalidAdapter(
             f"module {path}: scaling * lora_B @ lora_A can reach {bound:g} per weight (scaling {scaling:g} x "
-            f"r {rank} x max|A| {max_a:g} x max|B| {max_b:g}), above the limit of {check.MAX_DELTA:g}: the "
+            f"r {rank} x max|A| {max_a:g} x max|B| {max_b:g}), above the limit of {rules.MAX_DELTA:g}: the "
             "adapter's outputs would not be finite numbers"
         )
 
@@ -166,10 +138,7 @@ def read_adapter(
 ) -> AdapterWeights:
     """Load a PEFT adapter directory (adapter_config.json + adapter_model.safetensors).
     `sha256`, when the caller already verified the files against it, is taken as is."""
-    try:
-        config_bytes, weights = check.read_adapter_dir(Path(path))
-    except check.CheckError as e:
-        raise translate(e) from e
+    config_bytes, weights = rules.read_adapter_dir(Path(path))
     return load_adapter_files(
         config_bytes, weights, spec, max_rank, name=name or Path(path).name, sha256=sha256, max_bytes=max_bytes
     )
@@ -184,29 +153,9 @@ def _load_tensors(weights: bytes | memoryview | Path) -> dict[str, torch.Tensor]
             return load_file(str(weights), device="cpu")
         return load(bytes(weights))
     except (SafetensorError, ValueError, RuntimeError) as e:  # the header check should catch all
-        raise errors.CorruptSafetensors(f"{check.WEIGHTS_FILE} could not be read: {e}") from e
+        raise errors.CorruptSafetensors(f"{rules.WEIGHTS_FILE} could not be read: {e}") from e
 
 
 def _digest(config_bytes: bytes, weights: bytes | memoryview | Path) -> str:
-    w = check.sha256_file(weights) if isinstance(weights, (str, Path)) else hashlib.sha256(weights).hexdigest()
-    return check.adapter_digest({check.CONFIG_FILE: hashlib.sha256(config_bytes).hexdigest(), check.WEIGHTS_FILE: w})
-
-
-def require_adapter_files(names: set[str], *, ignored: set[str] = frozenset()) -> None:
-    """The file-name rules of an adapter, for a directory, a mapping or a push header: both
-    files present, a lone pickle refused with how to convert it, nothing else but `ignored`."""
-    pickled = names & set(check.PICKLED_FILES)
-    if pickled and check.WEIGHTS_FILE not in names:
-        raise errors.PickledWeights(
-            f"{sorted(pickled)[0]} is a pickle and is never loaded (unpickling runs code). Convert it: "
-            f"PeftModel.save_pretrained(dir, safe_serialization=True), or torch.load + "
-            f"safetensors.torch.save_file as {check.WEIGHTS_FILE}"
-        )
-    unexpected = names - set(check.ADAPTER_FILES) - ignored
-    if unexpected:
-        raise errors.InvalidArgument(
-            f"unexpected file(s) {check.quote(sorted(unexpected))}: an adapter is {check.CONFIG_FILE} and {check.WEIGHTS_FILE}"
-        )
-    for required in check.ADAPTER_FILES:
-        if required not in names:
-            raise errors.InvalidAdapter(f"the adapter has no {required}")
+    w = rules.sha256_file(weights) if isinstance(weights, (str, Path)) else hashlib.sha256(weights).hexdigest()
+    return rules.adapter_digest({rules.CONFIG_FILE: hashlib.sha256(config_bytes).hexdigest(), rules.WEIGHTS_FILE: w})

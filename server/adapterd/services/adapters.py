@@ -17,7 +17,7 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
-from adapterctl import adapter_check as check
+import adapterd_rules as rules
 from adapterd_api.v1 import adapters_pb2 as pb
 from adapterd_api.v1 import adapters_pb2_grpc as pb_grpc
 
@@ -28,7 +28,6 @@ from adapterd.registry.store import (
     RegistryResolver,
     cache_key,
 )
-from adapterd.registry.validate import require_adapter_files, translate
 from adapterd.tenancy import current_principal
 from adapterd.uploads import Uploads
 
@@ -61,9 +60,11 @@ class AdaptersService(pb_grpc.AdaptersServicer):
             raise errors.PermissionDenied(f"role {principal.role!r} cannot push adapters")
         with self.uploads.hold(principal.tenant, "PushAdapter"), self.registry.storage.staging_dir() as spool:
             messages = self.uploads.messages(request_iterator, "PushAdapter")
-            header, files = await receive_push(messages, Path(spool), self.registry.max_bytes, self.registry.max_rank)
+            header, files, sha256 = await receive_push(
+                messages, Path(spool), self.registry.max_bytes, self.registry.max_rank
+            )
             version = await asyncio.to_thread(
-                self.registry.push, principal.tenant, header.name, files,
+                self.registry.push, principal.tenant, header.name, files, sha256=sha256,
                 description=header.description, visibility=_VISIBILITY_NAMES.get(header.visibility, "private"),
             )
         return self._adapter(version)
@@ -98,13 +99,13 @@ class AdaptersService(pb_grpc.AdaptersServicer):
 
     async def GetPushRules(self, request: pb.GetPushRulesRequest, context) -> pb.PushRules:
         spec = self.registry.spec
-        rules = pb.PushRules(max_rank=self.registry.max_rank or 0, max_adapter_bytes=self.registry.max_bytes or 0)
+        push_rules = pb.PushRules(max_rank=self.registry.max_rank or 0, max_adapter_bytes=self.registry.max_bytes or 0)
         if spec is not None:
-            rules.base_model, rules.base_model_identity = spec.name, spec.identity
+            push_rules.base_model, push_rules.base_model_identity = spec.name, spec.identity
             for path, (in_f, out_f) in spec.linear_shapes.items():
-                rules.linear_shapes[path].in_features = in_f
-                rules.linear_shapes[path].out_features = out_f
-        return rules
+                push_rules.linear_shapes[path].in_features = in_f
+                push_rules.linear_shapes[path].out_features = out_f
+        return push_rules
 
     def _adapter(self, v: AdapterVersion) -> pb.Adapter:
         msg = adapter_message(v)
@@ -140,12 +141,13 @@ def _enum_filter(value: int, names: dict[int, str], enum, field: str) -> str | N
 
 
 async def receive_push(messages, spool: Path, max_bytes: int | None,
-                       max_rank: int | None = None) -> tuple[pb.PushHeader, dict[str, Path]]:
+                       max_rank: int | None = None) -> tuple[pb.PushHeader, dict[str, Path], dict[str, str]]:
     """Read the header, then each file's bytes into `spool`, refusing as early as possible:
     a bad header (a pickled or unknown file name, a declared total above the cap, a sha256
     that is not one) before any byte; adapter_config.json as soon as it is in; the
     safetensors header as soon as its bytes are (checked against the declared file size);
-    more bytes than declared as they arrive."""
+    more bytes than declared as they arrive. Returns the header, {file name: path} and
+    {file name: sha256}, hashed as the bytes arrived, for the registry to record."""
     first = await anext(aiter(messages), None)
     if first is None or first.WhichOneof("part") != "header":
         raise errors.InvalidArgument("PushAdapter: the first message must be the header (name and files)")
@@ -185,12 +187,13 @@ async def receive_push(messages, spool: Path, max_bytes: int | None,
     declared = sum(f.size for f in header.files)
     if received != declared:
         raise errors.InvalidArgument(f"PushAdapter: the upload ended after {received} of {declared} declared bytes")
-    for f, h in zip(header.files, hashes, strict=True):
-        if f.sha256 and f.sha256.lower() != h.hexdigest():
+    sha256 = {f.name: h.hexdigest() for f, h in zip(header.files, hashes, strict=True)}
+    for f in header.files:
+        if f.sha256 and f.sha256.lower() != sha256[f.name]:
             raise errors.InvalidArgument(f"PushAdapter: {f.name} arrived with another sha256 than declared; push again")
     for f in header.files:  # zero-length files were never opened
         files[f.name].touch()
-    return header, files
+    return header, files, sha256
 
 
 class _EarlyCheck:
@@ -206,41 +209,35 @@ class _EarlyCheck:
         if self.done:
             return
         self.start += data
-        try:
-            if self.name == check.CONFIG_FILE:
-                if len(self.start) == self.size:
-                    check.parse_config(bytes(self.start), max_rank=self.max_rank)
-                    self.done = True
-            elif check.check_safetensors_start(self.start, self.size) is not None:
+        if self.name == rules.CONFIG_FILE:
+            if len(self.start) == self.size:
+                rules.parse_config(bytes(self.start), max_rank=self.max_rank)
                 self.done = True
-        except check.CheckError as e:
-            raise translate(e) from e
+        elif rules.check_safetensors_start(self.start, self.size) is not None:
+            self.done = True
         if self.done:
             self.start = bytearray()
 
 
 def check_push_header(header: pb.PushHeader, max_bytes: int | None) -> None:
-    try:
-        check.check_name(header.name)
-        check.check_text(header.description, "description")
-    except check.CheckError as e:
-        raise translate(e) from e
+    rules.check_name(header.name)
+    rules.check_text(header.description, "description")
     if header.visibility not in _VISIBILITY_NAMES and header.visibility != pb.VISIBILITY_UNSPECIFIED:
         raise errors.InvalidArgument(
             f"visibility {header.visibility} is not one of VISIBILITY_PRIVATE (the default) or VISIBILITY_PUBLIC"
         )
     names = [f.name for f in header.files]
     if len(set(names)) != len(names):
-        raise errors.InvalidArgument(f"PushAdapter: a file is listed twice in {check.quote(names)}")
-    require_adapter_files(set(names))  # on the wire: the two files and nothing else
+        raise errors.InvalidArgument(f"PushAdapter: a file is listed twice in {rules.quote(names)}")
+    rules.require_adapter_files(set(names))  # on the wire: the two files and nothing else
     for f in header.files:
         if f.sha256 and not _SHA256.fullmatch(f.sha256):
             raise errors.InvalidArgument(
-                f"PushAdapter: the sha256 of {f.name} is {check.quote(f.sha256)}, not 64 hex digits; "
+                f"PushAdapter: the sha256 of {f.name} is {rules.quote(f.sha256)}, not 64 hex digits; "
                 "send the file's sha256 in hex, or none"
             )
-        if f.name == check.CONFIG_FILE and f.size > check.MAX_CONFIG_BYTES:
-            raise errors.InvalidAdapter(f"{check.CONFIG_FILE} is {f.size} bytes; a LoRA config is a few KiB")
+        if f.name == rules.CONFIG_FILE and f.size > rules.MAX_CONFIG_BYTES:
+            raise errors.InvalidAdapter(f"{rules.CONFIG_FILE} is {f.size} bytes; a LoRA config is a few KiB")
     total = sum(f.size for f in header.files)
     if max_bytes is not None and total > max_bytes:
         raise errors.AdapterTooLarge(

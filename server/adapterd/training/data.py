@@ -23,7 +23,7 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from adapterctl.adapter_check import quote
+from adapterd_rules import quote
 
 from adapterd.engine import chat
 from adapterd.engine.chat import ROLES

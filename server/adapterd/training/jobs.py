@@ -36,7 +36,7 @@ from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from adapterctl.adapter_check import quote
+from adapterd_rules import quote
 
 from adapterd.errors import InvalidArgument, NotFound
 from adapterd.training import data

@@ -15,7 +15,7 @@ import json
 import math
 from dataclasses import asdict, dataclass, fields
 
-from adapterctl.adapter_check import MAX_SCALING, CheckError, check_name, check_text, quote
+from adapterd_rules import MAX_SCALING, check_name, check_text, quote
 
 from adapterd.errors import InvalidArgument
 
@@ -46,14 +46,10 @@ class TrainingSpec:
     def __post_init__(self):
         object.__setattr__(self, "target_modules", tuple(self.target_modules))
         _need(bool(self.name), "--name is required: the adapter's name in the registry")
-        try:  # the registry's own rule, checked now rather than at publishing, after the training
-            check_name(self.name, "--name")
-        except CheckError as e:
-            raise InvalidArgument(str(e)) from e
-        try:  # shown to users as it is (adapterctl jobs show, the published adapter's description)
-            check_text(self.description, "--description")
-        except CheckError as e:
-            raise InvalidArgument(str(e)) from e
+        # The registry's own rule, checked now rather than at publishing, after the training.
+        check_name(self.name, "--name")
+        # Shown to users as it is (adapterctl jobs show, the published adapter's description).
+        check_text(self.description, "--description")
         _need(math.isfinite(self.epochs) and 0 < self.epochs <= 1000, f"--epochs must be in (0, 1000]; got {self.epochs}")
         _need(
             math.isfinite(self.learning_rate) and 0 < self.learning_rate <= 1,
