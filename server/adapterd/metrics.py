@@ -35,11 +35,11 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 from adapterd import __version__
 from adapterd.tenancy import DEFAULT_TENANT
+from adapterd.training.store import STATES as JOB_STATES
 
 OTHER = "other"
 BASE = "base"  # the label of requests on the base model (adapter "")
 TIERS = ("device", "cpu")
-JOB_STATES = ("validating", "queued", "running", "succeeded", "failed", "cancelled")
 
 # Buckets, in seconds. Latency on a GPU is milliseconds; on a CPU test box, seconds.
 _DURATION_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)

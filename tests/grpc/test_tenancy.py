@@ -21,11 +21,11 @@ from adapterctl.adapters import AdaptersClient, adapter_files, push_requests
 from adapterctl.client import Client, auth_metadata
 from adapterctl.train import TrainingClient
 from adapterd.auth import hash_token
-from adapterd.config import AuthConfig, CacheConfig
+from adapterd.config import AuthConfig, CacheConfig, TrainingConfig
 from adapterd.registry.storage import LocalStorage
 from adapterd.registry.store import Registry, RegistryResolver
 from adapterd.training import registry_publisher
-from adapterd.training.jobs import JobManager, JobsConfig
+from adapterd.training.jobs import JobManager
 from adapterd_api.v1 import adapters_pb2 as apb
 from adapterd_api.v1 import inference_pb2_grpc as pb_grpc
 from adapterd_api.v1 import training_pb2 as tpb
@@ -68,7 +68,7 @@ def server(parts_for, tiny_base, adapter_factory, tmp_path_factory):
     (root / "auth.toml").write_text(AUTH)
     registry = Registry(LocalStorage(root / "registry"), max_rank=MAX_RANK, max_bytes=10 << 20, deleted_grace_s=0)
     parts = parts_for(4)
-    jobs = JobManager(JobsConfig(root=root / "jobs", base_model=tiny_base, max_rank=MAX_RANK),
+    jobs = JobManager(TrainingConfig(jobs_dir=root / "jobs"), base_model=tiny_base, max_rank=MAX_RANK,
                       publish=registry_publisher(registry), tokenizer=parts.tokenizer,
                       module_names=parts.spec.linear_shapes)
     s = RunningServer.start(parts, RegistryResolver(registry), registry=registry, jobs=jobs,

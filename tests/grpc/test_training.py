@@ -15,12 +15,12 @@ from adapterctl import cli
 from adapterctl.client import Client
 from adapterctl.train import TrainingClient
 from adapterd.app import create_server
-from adapterd.config import CacheConfig, Config, ServerConfig
+from adapterd.config import CacheConfig, Config, ServerConfig, TrainingConfig
 from adapterd.engine.loop import EngineLoop
 from adapterd.registry.storage import LocalStorage
 from adapterd.registry.store import Registry, RegistryResolver
 from adapterd.training import registry_publisher
-from adapterd.training.jobs import JobManager, JobsConfig
+from adapterd.training.jobs import JobManager
 from adapterd_api.v1 import adapters_pb2 as apb
 from adapterd_api.v1 import inference_pb2 as ipb
 from adapterd_api.v1 import training_pb2 as tpb
@@ -78,9 +78,9 @@ def server(parts_for, tiny_base, tmp_path):
     parts = parts_for(4)
     registry = Registry(LocalStorage(tmp_path / "registry"), spec=parts.spec, max_rank=MAX_RANK)
     jobs = JobManager(
-        JobsConfig(root=tmp_path / "training", base_model=tiny_base, device="cpu", worker_nice=0,
-                   max_dataset_bytes=MAX_DATASET_BYTES, max_rank=MAX_RANK),
-        publish=registry_publisher(registry), module_names=parts.spec.linear_shapes,
+        TrainingConfig(jobs_dir=tmp_path / "training", worker_nice=0, max_dataset_bytes=MAX_DATASET_BYTES),
+        base_model=tiny_base, device="cpu", max_rank=MAX_RANK, publish=registry_publisher(registry),
+        module_names=parts.spec.linear_shapes,
     ).start()
     cache = CacheConfig(gpu_slots=4, max_rank=MAX_RANK)
     engine = EngineLoop(parts, RegistryResolver(registry), TEST_SCHEDULER, cache).start()
@@ -102,7 +102,7 @@ def pairs_file(tmp_path, pairs=PAIRS):
 
 def watch(server, job_id: str, until=lambda e: False) -> list[tpb.JobEvent]:
     events = []
-    stream = server.training.WatchJob(tpb.WatchJobRequest(job_id=job_id), timeout=180)
+    stream = server.training.WatchJob(tpb.WatchJobRequest(job_id=job_id), timeout=600)
     for event in stream:
         events.append(event)
         if until(event):
@@ -243,7 +243,7 @@ def test_a_killed_worker_fails_its_job_and_inference_carries_on(server, tmp_path
     assert queued.state == tpb.QUEUED  # one job at a time
     assert cli.main(["--addr", server.addr, "jobs", "cancel", queued.id]) == 0
     assert server.training.GetJob(tpb.GetJobRequest(job_id=queued.id)).state == tpb.CANCELLED
-    os.kill(server.jobs._running[job.id].proc.pid, signal.SIGKILL)  # as the OOM killer would
+    os.kill(server.jobs.running_pid(job.id), signal.SIGKILL)  # as the OOM killer would
 
     events = watch(server, job.id)
     assert events[-1].type == tpb.STATE and events[-1].state == tpb.FAILED

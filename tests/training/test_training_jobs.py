@@ -9,8 +9,9 @@ import json
 from pathlib import Path
 
 import pytest
+from adapterd.config import TrainingConfig
 from adapterd.errors import InvalidArgument, NotFound
-from adapterd.training.jobs import JobManager, JobsConfig
+from adapterd.training.jobs import JobManager
 from adapterd.training.spec import TrainingSpec
 
 PAIRS = [(f"Q: what is {i} plus {i}?\nA: ", str(i + i)) for i in range(6)]
@@ -37,11 +38,11 @@ def make_manager(model_factory, tmp_path):
     managers = []
 
     def make(*, start: bool = True, publish=None, **kw) -> JobManager:
-        config = JobsConfig(root=tmp_path / "training", base_model=model_factory("llama"), device="cpu",
-                            worker_nice=0, cancel_grace_s=20, **kw)
+        config = TrainingConfig(jobs_dir=tmp_path / "training", worker_nice=0, cancel_grace_s=20)
         from adapterd.engine.demo import build_tokenizer
 
-        m = JobManager(config, publish=publish or Published(), tokenizer=build_tokenizer())
+        m = JobManager(config, base_model=model_factory("llama"), device="cpu", publish=publish or Published(),
+                       tokenizer=build_tokenizer(), **kw)
         managers.append(m)
         return m.start() if start else m
 
@@ -134,7 +135,7 @@ def test_bad_data_queues_nothing_and_leaves_nothing(make_manager, tmp_path):
     with pytest.raises(InvalidArgument, match="validation file line 1"):
         m.create("default", TrainingSpec(name="x"), dataset(), validation=b'{"question": 1}')
     with pytest.raises(InvalidArgument, match="--max-rank 8"):
-        JobManager(m.config.__class__(**{**m.config.__dict__, "max_rank": 8}), publish=Published(),
+        JobManager(m.config, base_model=m.base_model, max_rank=8, publish=Published(),
                    tokenizer=m.tokenizer).create("default", TrainingSpec(name="x", rank=16), dataset())
     m.set_module_names(["model.layers.0.self_attn.q_proj", "model.layers.0.mlp.up_proj"])
     with pytest.raises(InvalidArgument, match="no linear module named qkv"):

@@ -17,17 +17,16 @@ from adapterd_api.v1 import training_pb2_grpc as pb_grpc
 from adapterd.auth import TenantLimiter
 from adapterd.errors import InvalidArgument
 from adapterd.tenancy import current_principal
+from adapterd.training import store
 from adapterd.training.data import check_size
-from adapterd.training.jobs import Event, Job, JobManager
+from adapterd.training.jobs import JobManager
 from adapterd.training.spec import TrainingSpec
+from adapterd.training.store import Event, Job
 from adapterd.uploads import Uploads
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Training"].full_name
 
-STATES = {
-    "validating": pb.VALIDATING, "queued": pb.QUEUED, "running": pb.RUNNING,
-    "succeeded": pb.SUCCEEDED, "failed": pb.FAILED, "cancelled": pb.CANCELLED,
-}
+STATES = {s: pb.JobState.Value(s.upper()) for s in store.STATES}
 _STATE_NAMES = {v: k for k, v in STATES.items()}
 EVENT_TYPES = {
     "state": pb.STATE, "message": pb.MESSAGE, "started": pb.STARTED, "step": pb.STEP,

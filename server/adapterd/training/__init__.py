@@ -2,7 +2,9 @@
 
     spec.py      what a job asks for, with the hosted-API defaults
     data.py      the JSONL formats, checked line by line; completion-only labels
-    jobs.py      the SQLite job and event store, the queue, one worker process per job
+    store.py     a job's record, its states, the SQLite store of jobs and their events
+    jobs.py      the JobManager: create, read, cancel, follow; the queue
+    runner.py    one running job: its worker process, followed until it settles
     worker.py    the QLoRA training process (transformers' Trainer on PEFT)
     evaluate.py  loss, perplexity and ROUGE of the adapter beside the base model
 
@@ -28,13 +30,10 @@ def open_jobs(config, registry, metrics=None):
     """The server's JobManager (started: what a previous run left is settled, queued jobs
     run) from its Config, publishing to `registry`, reporting to `metrics` (a Metrics)."""
     from adapterd.engine.model import base_model_dir
-    from adapterd.training.jobs import JobManager, JobsConfig
+    from adapterd.training.jobs import JobManager
 
-    t = config.training
-    jobs_config = JobsConfig(
-        root=t.jobs_dir, base_model=base_model_dir(config.model.base_model), device=config.model.device,
-        compute_dtype=config.model.compute_dtype, max_concurrent_jobs=t.max_concurrent_jobs,
-        max_dataset_bytes=t.max_dataset_bytes, worker_nice=t.worker_nice, cancel_grace_s=t.cancel_grace_s,
-        max_rank=config.cache.max_rank,
-    )
-    return JobManager(jobs_config, publish=registry_publisher(registry), metrics=metrics).start()
+    return JobManager(
+        config.training, base_model=base_model_dir(config.model.base_model), device=config.model.device,
+        compute_dtype=config.model.compute_dtype, max_rank=config.cache.max_rank,
+        publish=registry_publisher(registry), metrics=metrics,
+    ).start()

@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import random
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from adapterd_rules import quote
@@ -44,6 +44,9 @@ class Example:
     eval_prompt: str  # what evaluation generates from
     reference: str  # what evaluation scores the generation against
     chat: bool = False  # the prompt was rendered by the chat template, special tokens included
+    # encode()'s result, kept from the check of the example's length: tokenized once, at creation
+    input_ids: tuple[int, ...] = ()
+    labels: tuple[int, ...] = ()
 
 
 def check_size(data: bytes, max_bytes: int, what: str) -> None:
@@ -86,13 +89,14 @@ def parse_jsonl(data: bytes, *, what: str, tokenizer, max_seq_len: int, max_byte
                 "use one format for the whole file"
             )
         example = _example(obj, fmt, number, where, tokenizer)
-        length = len(encode(example, tokenizer)[0])
+        input_ids, labels = encode(example, tokenizer)
+        length = len(input_ids)
         if length > max_seq_len:
             raise InvalidArgument(
                 f"{where}: the example is {length} tokens, longer than --max-seq-len {max_seq_len}; "
                 "shorten it or raise --max-seq-len"
             )
-        examples.append(example)
+        examples.append(replace(example, input_ids=tuple(input_ids), labels=tuple(labels)))
     if not examples:
         raise InvalidArgument(f"{what} is empty: it must hold one JSON object per line, {FORMAT_HELP}")
     return examples
@@ -187,6 +191,13 @@ def encode(example: Example, tokenizer) -> tuple[list[int], list[int]]:
     return prompt_ids + completion_ids, [IGNORE_INDEX] * len(prompt_ids) + completion_ids
 
 
+def tokens(example: Example, tokenizer) -> tuple[list[int], list[int]]:
+    """(input_ids, labels) of the example: those kept at its check, else encoded now."""
+    if example.input_ids:
+        return list(example.input_ids), list(example.labels)
+    return encode(example, tokenizer)
+
+
 def split_validation(examples: list[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
     """Hold out round(fraction * n) examples (at least one when fraction > 0 and n >= 2),
     chosen by `seed`; the rest train. Both keep file order."""
@@ -206,8 +217,14 @@ def write_examples(path: Path, examples: Iterable[Example]) -> None:
 def read_examples(path: Path) -> list[Example]:
     if not path.exists():
         return []
+    examples = []
     with open(path, encoding="utf-8") as f:
-        return [Example(**json.loads(line)) for line in f if line.strip()]
+        for line in f:
+            if line.strip():
+                obj = json.loads(line)
+                obj["input_ids"], obj["labels"] = tuple(obj.get("input_ids", ())), tuple(obj.get("labels", ()))
+                examples.append(Example(**obj))
+    return examples
 
 
 def collate(encoded: list[tuple[list[int], list[int]]], pad_id: int) -> dict:

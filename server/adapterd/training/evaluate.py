@@ -21,7 +21,7 @@ from collections.abc import Callable
 import torch
 
 from adapterd.engine.chat import eos_token_ids
-from adapterd.training.data import IGNORE_INDEX, Example, collate, encode
+from adapterd.training.data import IGNORE_INDEX, Example, collate, tokens
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
 SAMPLES_KEPT = 3  # generations kept per split and model, to show next to the numbers
@@ -49,7 +49,7 @@ def completion_loss(model, tokenizer, examples: list[Example], batch_size: int) 
     device = _device(model)
     total, count = 0.0, 0
     for start in range(0, len(examples), batch_size):
-        batch = collate([encode(e, tokenizer) for e in examples[start : start + batch_size]], tokenizer.pad_token_id)
+        batch = collate([tokens(e, tokenizer) for e in examples[start : start + batch_size]], tokenizer.pad_token_id)
         batch = {k: v.to(device) for k, v in batch.items()}
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
         targets = batch["labels"][:, 1:]  # (B, T-1): token t is predicted at position t-1

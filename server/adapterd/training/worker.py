@@ -8,7 +8,8 @@ completion tokens only, gradient checkpointing, paged 8-bit AdamW on a GPU (Adam
 CPU), early stopping on the validation loss. Then it saves the adapter and evaluates it
 beside the base model (evaluate.py). A crash or an OOM here ends this process only.
 
-It reads JOB_DIR/worker.json and the checked examples the server wrote there, and reports
+It reads its settings (the spec, the base model, the device) as JSON on stdin and the
+checked examples the server wrote into JOB_DIR, and reports
 to the server one JSON object per line on FD (a pipe): `status`, `started`, `step`,
 `eval`, then `done`, `cancelled` or `error`. SIGTERM asks it to stop: a TrainerCallback
 sees the flag at the end of the current step, so a cancel takes at most one step.
@@ -48,7 +49,7 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from adapterd.engine.model import default_device, load_base_model, parse_dtype
 from adapterd.training import evaluate
-from adapterd.training.data import collate, encode, read_examples
+from adapterd.training.data import collate, read_examples, tokens
 from adapterd.training.spec import TrainingSpec
 
 EXIT_OK, EXIT_ERROR, EXIT_CANCELLED = 0, 1, 3
@@ -83,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: cancel.set())
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C at the server's terminal is the server's
     try:
-        result = train(args.job_dir, events, cancel)
+        result = train(args.job_dir, json.load(sys.stdin), events, cancel)
     except Cancelled:
         events.emit("cancelled")
         return EXIT_CANCELLED
@@ -100,8 +101,7 @@ def failure_reason(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}"
 
 
-def train(job_dir: Path, events: Events, cancel: threading.Event) -> dict:
-    settings = json.loads((job_dir / "worker.json").read_text())
+def train(job_dir: Path, settings: dict, events: Events, cancel: threading.Event) -> dict:
     os.nice(int(settings.get("nice", 0)))
     spec = TrainingSpec.from_json(settings["spec"])
     device = default_device() if settings["device"] == "auto" else torch.device(settings["device"])
@@ -117,7 +117,7 @@ def train(job_dir: Path, events: Events, cancel: threading.Event) -> dict:
         raise Cancelled
 
     def features(examples):
-        return [dict(zip(("input_ids", "labels"), encode(e, tokenizer), strict=True)) for e in examples]
+        return [dict(zip(("input_ids", "labels"), tokens(e, tokenizer), strict=True)) for e in examples]
 
     steps = total_steps(len(train_examples), spec)
     evaluating = bool(val_examples)
