@@ -7,7 +7,7 @@ STAMP   := $(VENV)/.installed
 TORCH_SPEC ?= torch==2.13.0
 PROTOS  := $(wildcard protos/adapterd_api/v1/*.proto)
 
-.PHONY: setup serve test lint proto bench clean
+.PHONY: setup serve test test-fast lint proto bench clean
 
 setup: $(STAMP)
 
@@ -29,6 +29,11 @@ serve: setup
 
 test: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# The quick subset, for the edit-test loop: everything but the tests marked slow (training
+# workers, the real model, the fleet, the long soak and process tests).
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check server clients common tests bench

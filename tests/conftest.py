@@ -127,8 +127,20 @@ def s3_bucket(s3_endpoint):
     return s3_endpoint, bucket
 
 
+# Whole modules of slow tests, marked here rather than test by test: each starts training
+# worker processes, trains in the test's process, or serves the real model. Single slow
+# tests elsewhere carry @pytest.mark.slow. `make test-fast` leaves both out.
+SLOW_MODULES = ("tests/training/", "tests/grpc/test_training.py", "tests/unit/test_training_worker.py", "tests/real/")
+
+
 def pytest_collection_modifyitems(config, items):
-    """GPU tests run where CUDA is, and are skipped with a reason everywhere else."""
+    """Slow modules are marked slow. GPU tests run where CUDA is, and are skipped with a
+    reason everywhere else."""
+    root = config.rootpath
+    for item in items:
+        where = item.path.relative_to(root).as_posix() if item.path.is_relative_to(root) else ""
+        if where.startswith(SLOW_MODULES):
+            item.add_marker(pytest.mark.slow)
     try:
         import torch
 

@@ -238,6 +238,7 @@ def _stream_in_background(server, adapter: str, max_new_tokens: int = LONG):
     return first, t, result
 
 
+@pytest.mark.slow
 def test_push_v2_while_v1_streams(local_server, adapters):
     server, ctl = local_server, _ctl(local_server)
     ctl.push(adapters[0], "sql")
@@ -260,6 +261,7 @@ def test_push_v2_while_v1_streams(local_server, adapters):
     assert list(new.token_ids)[:cut] != reference_v1[:cut]
 
 
+@pytest.mark.slow
 def test_delete_lets_running_requests_finish(local_server, adapters):
     server, ctl = local_server, _ctl(local_server)
     ctl.push(adapters[0], "sql")

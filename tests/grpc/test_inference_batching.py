@@ -47,6 +47,7 @@ def test_fifty_concurrent_first_requests_cause_one_load(serve):
     assert outs[0].text == server.inference.Generate(request("Hello there", adapter="a3")).text
 
 
+@pytest.mark.slow
 def test_greedy_output_alone_equals_among_31_others(serve):
     server = serve()
     reqs = _mixed_requests(32, ["", *ADAPTERS])
@@ -55,6 +56,7 @@ def test_greedy_output_alone_equals_among_31_others(serve):
     assert server.engine.stats()["running"] == 0
 
 
+@pytest.mark.slow
 def test_greedy_output_survives_slot_evictions(serve):
     reference = serve()
     reqs = _mixed_requests(32, ADAPTERS)

@@ -10,9 +10,11 @@ import threading
 import time
 
 import grpc
+import pytest
 from adapterctl.client import Client
 from adapterd_api.v1 import inference_pb2 as pb
 from adapterd_api.v1 import inference_pb2_grpc as pb_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from tests.grpc_harness import request
@@ -40,6 +42,29 @@ def _wait_serving(addr: str, proc: subprocess.Popen, timeout: float = 120) -> No
             time.sleep(0.2)
 
 
+def _wait_draining(health, addr: str, timeout: float = 60) -> None:
+    """Until the health stream says NOT_SERVING, then until the listener takes no new
+    connection (server.stop has begun). A call that races the start of server.stop() is
+    answered CANCELLED by grpc core; after it, a new call is UNAVAILABLE."""
+    try:
+        for update in health:
+            if update.status != health_pb2.HealthCheckResponse.SERVING:
+                break
+    except grpc.RpcError as e:
+        assert e.code() != grpc.StatusCode.DEADLINE_EXCEEDED, "adapterd did not start draining"
+    deadline = time.monotonic() + timeout
+    while True:
+        probe = grpc.insecure_channel(addr)
+        try:
+            grpc.channel_ready_future(probe).result(timeout=1)
+        except grpc.FutureTimeoutError:
+            return  # no connection within a second on loopback: nothing listens
+        finally:
+            probe.close()
+        assert time.monotonic() < deadline, "adapterd kept taking new connections while draining"
+
+
+@pytest.mark.slow
 def test_sigterm_drains_open_streams_and_exits_zero(tiny_base, registry_store, tmp_path):
     port_file = tmp_path / "port"
     proc = subprocess.Popen(
@@ -76,8 +101,10 @@ def test_sigterm_drains_open_streams_and_exits_zero(tiny_base, registry_store, t
         for t in readers:
             t.start()
         started.wait(timeout=60)
+        health = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""), timeout=60)
+        assert next(health).status == health_pb2.HealthCheckResponse.SERVING
         proc.send_signal(signal.SIGTERM)
-        time.sleep(0.2)  # let the signal land: the server is draining now
+        _wait_draining(health, addr)
 
         new_channel = grpc.insecure_channel(addr)
         try:

@@ -154,6 +154,7 @@ def call(server: RunningServer, adapter: str, max_new_tokens: int, stream: bool)
         return e.code().name, 0
 
 
+@pytest.mark.slow
 def test_prometheus_counts_what_the_clients_saw(stack):
     server, metrics, prom = stack
     # Base model and two adapters (unary and streaming, concurrently), an unknown adapter,
@@ -198,6 +199,7 @@ def test_prometheus_counts_what_the_clients_saw(stack):
     assert prom.query("adapterd:requests:rate5m"), "the recording rules in deploy/prometheus never evaluated"
 
 
+@pytest.mark.slow
 def test_every_dashboard_query_runs_on_real_data(stack):
     server, metrics, prom = stack
     for adapter in ("", "a0"):

@@ -78,6 +78,7 @@ def test_deleting_a_version_frees_its_cached_blocks(versioned):
     assert _hits(server) - before == (400 - 1) // 16  # its last token is always computed
 
 
+@pytest.mark.slow
 def test_no_block_leaks_after_a_thousand_requests_with_cancels_and_deadlines(serve):
     server = serve(scheduler=SchedulerConfig(max_batch_size=16, max_queue=1024, max_input_tokens=200,
                                              max_total_tokens=256))

@@ -79,11 +79,12 @@ def test_single_flight_and_tiers():
     for _ in range(5):
         cache.ensure_loading(a)
     loads.wait()
-    assert cache.poll() == [] and cache.is_ready(a.key) and cache.slot_of(a.key) is None
+    cache.poll()
+    assert cache.failure(a.key) is None and cache.is_ready(a.key) and cache.slot_of(a.key) is None
     slot = cache.activate(a)
     assert cache.slot_of(a.key) == slot and loads.count == {"a": 1}
     layer = cache.slots.layers["q_proj"]
-    assert torch.equal(layer.lora_a[slot, :, :RANK], _weights(1).tensors["q_proj"][0].T)  # slots hold A^T
+    assert torch.equal(layer.lora_a[slot, :RANK], _weights(1).tensors["q_proj"][0])  # slots hold A
     cache.ensure_loading(a)  # resident: nothing to load
     assert cache.stats.loads == 1
 
@@ -140,7 +141,7 @@ def test_a_failed_load_is_remembered_not_retried_in_a_loop():
     bad = loads.adapter("bad", 1, fail=True)
     cache.ensure_loading(bad)
     loads.wait()
-    assert cache.poll() == [bad.key]
+    cache.poll()
     err = cache.failure(bad.key)
     assert isinstance(err, FailedPrecondition) and "'bad' could not be loaded: OSError: unreadable" in str(err)
     for _ in range(10):
@@ -245,8 +246,7 @@ def test_prepare_starts_one_load_per_adapter_and_fails_waiters_of_a_failed_one()
     for s in subs:
         sched.add(s)
     assert sched.prepare() == []
-    loads.wait(2)
-    time.sleep(0.01)
+    loads.wait(2)  # both loads are done: the callback that wakes the engine runs after
     failed = sched.prepare()
     assert sorted(s.id for s, _ in failed) == sorted(s.id for s in subs if s.adapter is bad)
     assert loads.count == {"good": 1, "bad": 1}
@@ -305,8 +305,10 @@ def test_a_hung_load_fails_its_requests_at_the_timeout_and_frees_the_way():
     started = time.monotonic()
     assert sched.prepare() == []
     # The engine sleeps until the next timer when nothing else happens: the load's timeout.
-    assert started < sched.next_timer() <= started + 0.2 + 0.05
-    time.sleep(0.25)
+    timer = sched.next_timer()
+    assert started < timer <= started + 0.2 + 0.05
+    while (left := timer - time.monotonic()) > 0:  # the engine's own wait: until its next timer
+        time.sleep(left)
     (failed, err), = sched.prepare()
     assert failed is waiting and isinstance(err, Unavailable) and "did not load within 0.2 s" in str(err)
     assert sched.waiting == [] and sched.next_timer() is None and cache.stats.load_failures == 1

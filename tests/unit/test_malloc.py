@@ -53,6 +53,7 @@ def _churn(mode: str) -> tuple[bool, int]:
     return tuned == "1", int(faults)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not _glibc(), reason="mallopt settings are glibc's")
 def test_tuned_malloc_stops_returning_and_refaulting_memory_every_step():
     tuned, tuned_faults = _churn("tuned")

@@ -209,6 +209,7 @@ def test_adapter_pushed_for_another_base_is_not_loaded(backend, llama):
 # ---- delete -------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_delete_one_version_then_all(registry, llama):
     _, adapters = llama
     for a in adapters:
@@ -409,6 +410,7 @@ Registry(storage).push("default", "sql", adapter)
 """
 
 
+@pytest.mark.slow
 def test_kill_9_mid_push_keeps_the_previous_version(backend, llama):
     kind, storage = backend
     spec, (a1, a2, _) = llama

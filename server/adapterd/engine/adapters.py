@@ -1,7 +1,7 @@
 """The adapter cache: where an adapter's weights are between the registry and a batch row.
 
     resolve (RPC handler)      load (thread pool)         activate (engine thread)
-    ref -> key + loader  ───►  files -> AdapterWeights ─► CPU tier ──copy──► accelerator slot
+    ref -> key + loader  ───►  files -> AdapterWeights ─► CPU tier ──copy──► device slot
                                (read, check; off the       (LRU by        (LRU, pinned while
                                 decode step path)           count, bytes)  a request uses it)
 
@@ -23,15 +23,20 @@ from collections import Counter, OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from adapterd import errors
 from adapterd.config import CacheConfig
-from adapterd.resolve import ResolvedAdapter
+from adapterd.resolve import AdapterWeights, ModelSpec, ResolvedAdapter
+
+if TYPE_CHECKING:
+    from adapterd.engine.lora import LoraSlots
+    from adapterd.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
 
-def weights_nbytes(weights) -> int:
+def weights_nbytes(weights: AdapterWeights) -> int:
     return sum(a.nbytes + b.nbytes for a, b in weights.tensors.values())
 
 
@@ -51,13 +56,15 @@ class _Failure:
 
 
 class AdapterCache:
-    """Accelerator slots (`slots`, a LoraSlots) plus a CPU tier. Engine thread only, except
-    `on_load_done`, which the pool calls when a load ends (to wake the engine)."""
+    """Device slots (`slots`, a LoraSlots: the tier on the model's device, the accelerator
+    where there is one) plus a CPU tier. Engine thread only, except `on_load_done`, which the
+    pool calls when a load ends (to wake the engine)."""
 
     def __init__(
-        self, slots, spec, config: CacheConfig, *, on_load_done: Callable[[], None] = lambda: None, metrics=None
+        self, slots: LoraSlots, spec: ModelSpec | None, config: CacheConfig, *,
+        on_load_done: Callable[[], None] = lambda: None, metrics: Metrics | None = None,
     ):
-        self.metrics = metrics  # adapterd.metrics.Metrics, or None
+        self.metrics = metrics
         self._load_started: dict[str, float] = {}
         self.slots = slots
         self.spec = spec
@@ -68,7 +75,7 @@ class AdapterCache:
         self._free = list(range(slots.num_slots - 1, 0, -1))  # slot 0 is the base model
         self._resident: OrderedDict[str, int] = OrderedDict()  # key -> slot, least recent first
         self._pins: Counter[str] = Counter()
-        self._cpu: OrderedDict[str, tuple[object, int]] = OrderedDict()  # key -> (weights, bytes)
+        self._cpu: OrderedDict[str, tuple[AdapterWeights, int]] = OrderedDict()  # key -> (weights, bytes)
         self._cpu_bytes = 0
         self._loading: dict[str, tuple[ResolvedAdapter, Future]] = {}
         self._failed: dict[str, _Failure] = {}
@@ -99,9 +106,9 @@ class AdapterCache:
         return list(self._resident)
 
     def residence(self, key: str) -> str:
-        """"gpu" (in a slot), "cpu" (in the CPU tier) or "storage". Safe from any thread: a
+        """"device" (in a slot), "cpu" (in the CPU tier) or "storage". Safe from any thread: a
         membership test, so at worst one step stale."""
-        return "gpu" if key in self._resident else "cpu" if key in self._cpu else "storage"
+        return "device" if key in self._resident else "cpu" if key in self._cpu else "storage"
 
     # --- loads, off the step path -------------------------------------------------------
 
@@ -120,16 +127,14 @@ class AdapterCache:
         self._loading[key] = (adapter, future)
         future.add_done_callback(lambda _: self._on_load_done())
 
-    def poll(self, wanted: set[str] = frozenset()) -> list[str]:
-        """Move finished loads into the CPU tier. Returns the keys whose load failed (see
-        `failure`). CPU entries in `wanted` (requests wait for them) are evicted last."""
-        failed = []
+    def poll(self, wanted: set[str] = frozenset()) -> None:
+        """Move finished loads into the CPU tier; a failed or timed-out load is remembered
+        (see `failure`). CPU entries in `wanted` (requests wait for them) are evicted last."""
         now = time.monotonic()
         for key, (adapter, future) in list(self._loading.items()):
             if not future.done():
                 if now - self._load_started[key] >= self.config.load_timeout_s:
                     self._abandon(key, adapter, future)
-                    failed.append(key)
                 continue
             del self._loading[key]
             started = self._load_started.pop(key, time.monotonic())
@@ -137,12 +142,10 @@ class AdapterCache:
                 weights = future.result()
             except Exception as e:  # noqa: BLE001 - every failure becomes the requests' error
                 self._fail(key, adapter.name, e)
-                failed.append(key)
                 continue
             self._cpu_put(key, weights, wanted)
             self._observe("adapter_loaded", "cpu", time.monotonic() - started)
         self._observe_resident()
-        return failed
 
     def next_load_deadline(self) -> float | None:
         """When the oldest load in flight times out (monotonic), if any: the engine must
@@ -211,7 +214,7 @@ class AdapterCache:
         self._observe("adapter_evicted", "device")
         return self._resident.pop(victim)
 
-    def _cpu_put(self, key: str, weights, wanted: set[str]) -> None:
+    def _cpu_put(self, key: str, weights: AdapterWeights, wanted: set[str]) -> None:
         size = weights_nbytes(weights)
         self._cpu[key] = (weights, size)
         self._cpu_bytes += size
