@@ -44,8 +44,8 @@ def main(argv: list[str] | None = None) -> int:
         # Before torch loads OpenMP. Between parallel regions a worker spins a bounded while
         # (about a millisecond) before it sleeps: a decode step is hundreds of short regions,
         # and waking a sleeping worker for each one made 2 threads slower than 1 on 2 cores
-        # (PASSIVE: 505-705 tok/s in bench/serve.py; this: 1,250). Spinning without a bound
-        # (ACTIVE) would keep a core busy while the server idles. The user's settings win.
+        # (README, "Figures"). Spinning without a bound (ACTIVE) would keep a core busy while
+        # the server idles. The user's settings win.
         if "OMP_WAIT_POLICY" not in os.environ:
             os.environ.setdefault("GOMP_SPINCOUNT", "1000000")
         # `kill -USR1 PID` prints every thread's stack to stderr: for a server that seems stuck.

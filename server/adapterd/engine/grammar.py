@@ -1,16 +1,15 @@
 """Structured output: a JSON schema (or "any JSON object") compiled into a token grammar,
 and a per-row matcher that says which tokens may come next.
 
-    GrammarCompiler(tokenizer, vocab_size, stop_ids)    once per engine (lazy: ~0.25 s for
-      .compile(ResponseFormat) -> Grammar               a 49k-token vocabulary), any thread
+    GrammarCompiler(tokenizer, vocab_size, stop_ids)    once per engine (lazy: it takes a
+      .compile(ResponseFormat) -> Grammar               while on a real vocabulary), any thread
     Grammar.matcher() -> Matcher                        one per row (sampling.RowSampler)
     allowed_mask(matchers, vocab) -> (n, V) bool        batched, at sampling
 
-The library is xgrammar. Measured here (2 cores, one nested schema, random logits, mask
-+ accept per token): byte-level demo tokenizer xgrammar 0.06 ms vs llguidance 150 ms;
-SmolLM2's 49k vocabulary xgrammar 0.38 ms vs llguidance 0.44 ms; compile 6-9 ms vs
-3 ms. llguidance's slow path on the byte tokenizer rules it out for the demo model and
-the tests; outlines-core builds a full index per schema up front (seconds on a real
+The library is xgrammar: its mask per token is fast on the byte-level demo tokenizer and on
+a real vocabulary alike, where llguidance is as fast on the real one but takes a slow path
+on the byte tokenizer, which rules it out for the demo model and the tests (README,
+"Figures"); outlines-core builds a full index per schema up front (seconds on a real
 vocabulary). When the grammar is complete only the stop tokens (the engine's EOS set)
 are allowed, so a finished JSON value ends its row as EOS does, with no engine change.
 """

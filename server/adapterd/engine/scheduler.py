@@ -19,12 +19,24 @@ Runs on the engine thread only.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
 
 from adapterd.engine.adapters import AdapterCache
 from adapterd.errors import AdapterdError
 from adapterd.resolve import ResolvedAdapter
+
+if TYPE_CHECKING:
+    from adapterd.engine.sampling import SamplingParams
+
+
+class Sink(Protocol):
+    """Where the loop delivers a request's events: the handler's event loop and its queue."""
+
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
 
 
 @dataclass(eq=False)
@@ -34,10 +46,10 @@ class Submission:
     id: str
     adapter: ResolvedAdapter | None  # None = base model
     prompt_ids: list[int]
-    params: object  # SamplingParams
+    params: SamplingParams
     arrival: float  # monotonic seconds
     deadline: float | None  # monotonic seconds
-    sink: object  # where the loop delivers events (see loop.py)
+    sink: Sink  # see loop.py
     slot: int = 0
     pinned: bool = field(default=False)
     on_start: Callable[[], None] | None = None  # called on the engine thread at admission

@@ -10,33 +10,15 @@ AdapterWeights exists.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import adapterd_rules as rules
 import torch
 
 from adapterd import errors
-from adapterd.resolve import ModelSpec
+from adapterd.resolve import AdapterWeights, ModelSpec
 
-
-@dataclass
-class AdapterWeights:
-    """A checked LoRA adapter, ready to be copied into a slot.
-
-    tensors: base module path -> (A (r, in), B (out, r)), float32 on the CPU.
-    The forward is base(x) + scaling * (x @ A.T) @ B.T.
-    """
-
-    name: str
-    sha256: str  # adapter_digest of the files: the content identity caches key by
-    rank: int
-    alpha: float
-    scaling: float
-    target_modules: list[str]
-    tensors: dict[str, tuple[torch.Tensor, torch.Tensor]]
-    nbytes: int  # size of the files
-    config: dict = field(repr=False)
+__all__ = ["AdapterWeights", "check_finite_outputs", "load_adapter_files", "read_adapter", "validate_adapter_files"]
 
 
 def validate_adapter_files(

@@ -35,12 +35,12 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Adapters"].full_name
 
 VISIBILITY = {"private": pb.VISIBILITY_PRIVATE, "public": pb.VISIBILITY_PUBLIC}
 SOURCE = {"pushed": pb.SOURCE_PUSHED, "trained": pb.SOURCE_TRAINED}
-RESIDENCE = {"gpu": pb.RESIDENCE_GPU, "cpu": pb.RESIDENCE_CPU, "storage": pb.RESIDENCE_STORAGE}
+RESIDENCE = {"device": pb.RESIDENCE_GPU, "cpu": pb.RESIDENCE_CPU, "storage": pb.RESIDENCE_STORAGE}
 _VISIBILITY_NAMES = {v: k for k, v in VISIBILITY.items()}
 _SOURCE_NAMES = {v: k for k, v in SOURCE.items()}
 _SHA256 = re.compile(r"[0-9a-fA-F]{64}")
 
-# residence(cache key) -> "gpu" | "cpu" | "storage"
+# residence(cache key) -> "device" | "cpu" | "storage" (engine/adapters.py)
 Residence = Callable[[str], str]
 
 
