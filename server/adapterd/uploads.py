@@ -31,11 +31,6 @@ class Uploads:
         self._lock = threading.Lock()
         self._by_tenant: Counter[str] = Counter()
 
-    @property
-    def in_progress(self) -> int:
-        with self._lock:
-            return sum(self._by_tenant.values())
-
     @contextlib.contextmanager
     def hold(self, tenant: str, what: str):
         """A place for one upload of `tenant` for the block; RESOURCE_EXHAUSTED if there is none."""
