@@ -7,17 +7,19 @@ declares every flag of `adapterd serve` from those fields, in an argument group 
 checks the values and names the flag in the error. Nothing reads the environment here: the
 config is passed down explicitly.
 
-To add a setting: a field with `flag(...)`. To add a concern: a `Flags` dataclass of such
-fields, and one `concern(...)` field of `Config`.
+To add a setting: a field with `flag(...)` (flags.py). To add a concern: a `Flags`
+dataclass of such fields, and one `concern(...)` field of `Config`.
 """
 
 from __future__ import annotations
 
 import argparse
 import ipaddress
-from dataclasses import Field, dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from adapterd.flags import Flags, flag
 
 if TYPE_CHECKING:
     from adapterd.auth import AuthFile
@@ -30,54 +32,6 @@ class ConfigError(ValueError):
 def _check(ok: bool, message: str) -> None:
     if not ok:
         raise ConfigError(message)
-
-
-# ---- fields that are flags ----------------------------------------------------------------
-
-
-def flag(name: str, default: Any, help: str, **argparse_kw: Any) -> Any:
-    """A dataclass field set by the flag `name` of `adapterd serve`, with `default` and the
-    flag's `help`; `argparse_kw` is what else argparse needs (metavar, choices, a `type` the
-    default does not show). A bool is a switch: "--x" turns a False default on, "--no-x"
-    turns a True default off."""
-    return field(default=default, metadata={"flag": name, "help": help, "argparse": argparse_kw})
-
-
-def _flagged(cls) -> list[Field]:
-    return [f for f in fields(cls) if "flag" in f.metadata]
-
-
-def _dest(f: Field) -> str:
-    return f.metadata["flag"].lstrip("-").replace("-", "_")
-
-
-def _switch_off(f: Field) -> bool:
-    """A --no-x flag: given, the field (True by default) is False."""
-    return f.default is True
-
-
-class Flags:
-    """A concern's dataclass whose fields are flags (`flag(...)`): declared and read back here."""
-
-    @classmethod
-    def add_flags(cls, group: argparse._ArgumentGroup) -> None:
-        for f in _flagged(cls):
-            kw = dict(f.metadata["argparse"])
-            if isinstance(f.default, bool):
-                kw["action"] = "store_true"
-            else:
-                kw["default"] = f.default
-                if "type" not in kw and isinstance(f.default, (int, float, Path)):
-                    kw["type"] = Path if isinstance(f.default, Path) else type(f.default)
-            group.add_argument(f.metadata["flag"], help=f.metadata["help"], **kw)
-
-    @classmethod
-    def from_args(cls, args: argparse.Namespace):
-        values = {f.name: getattr(args, _dest(f)) for f in _flagged(cls)}
-        for f in _flagged(cls):
-            if _switch_off(f):
-                values[f.name] = not values[f.name]
-        return cls(**values)
 
 
 @dataclass(frozen=True)
@@ -371,9 +325,9 @@ class RegistryConfig(Flags):
             _check(bool(bucket), f"--registry {self.location}: no bucket; use s3://bucket/prefix")
         else:
             _check("://" not in self.location, f"--registry {self.location}: use a directory or s3://bucket/prefix")
-            for flag, value in (("--s3-endpoint", self.s3_endpoint), ("--s3-access-key-id", self.s3_access_key_id),
+            for name, value in (("--s3-endpoint", self.s3_endpoint), ("--s3-access-key-id", self.s3_access_key_id),
                                 ("--s3-secret-access-key-file", self.s3_secret_file)):
-                _check(value is None, f"{flag} needs --registry s3://bucket/prefix")
+                _check(value is None, f"{name} needs --registry s3://bucket/prefix")
         _check((self.s3_access_key_id is None) == (self.s3_secret_file is None),
                "--s3-access-key-id and --s3-secret-access-key-file go together: give both or neither")
         if self.s3_secret_file is not None:
@@ -469,8 +423,8 @@ class TlsConfig(Flags):
     def __post_init__(self):
         _check((self.cert is None) == (self.key is None), "--tls-cert and --tls-key go together: give both or neither")
         _check(self.client_ca is None or self.cert is not None, "--tls-client-ca needs --tls-cert and --tls-key")
-        for flag, path in (("--tls-cert", self.cert), ("--tls-key", self.key), ("--tls-client-ca", self.client_ca)):
-            _check(path is None or Path(path).is_file(), f"{flag} {path}: no such file")
+        for name, path in (("--tls-cert", self.cert), ("--tls-key", self.key), ("--tls-client-ca", self.client_ca)):
+            _check(path is None or Path(path).is_file(), f"{name} {path}: no such file")
 
     @property
     def enabled(self) -> bool:
