@@ -8,7 +8,8 @@ signal) start their own. Sections follow the issue's items:
 
     1 tenancy of failures   2 control characters   3 non-finite adapters   4 WatchJob
     5 INTERNAL where a precise code belongs        6 resource holding      7 smaller ones
-    8 the metrics port
+
+Item 8, the metrics port, is tests/unit/test_metrics.py::test_the_metrics_port_serves_only_metrics.
 """
 
 from __future__ import annotations
@@ -24,8 +25,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import adapterd_rules as check
@@ -36,7 +35,6 @@ from adapterctl.client import Client, auth_metadata
 from adapterctl.train import TrainingClient
 from adapterd.auth import hash_token
 from adapterd.config import AuthConfig, CacheConfig, TrainingConfig, UploadConfig
-from adapterd.metrics import Metrics
 from adapterd.registry.storage import LocalStorage
 from adapterd.registry.store import Registry, RegistryResolver, blob_key
 from adapterd.training import registry_publisher
@@ -45,7 +43,6 @@ from adapterd_api.v1 import adapters_pb2 as apb
 from adapterd_api.v1 import inference_pb2 as ipb
 from adapterd_api.v1 import inference_pb2_grpc as ipb_grpc
 from adapterd_api.v1 import training_pb2 as tpb
-from prometheus_client import CollectorRegistry
 from safetensors.torch import load_file, save_file
 
 from tests.grpc_harness import RunningServer, request
@@ -584,32 +581,6 @@ def apb_stub(channel):
     from adapterd_api.v1 import adapters_pb2_grpc
 
     return adapters_pb2_grpc.AdaptersStub(channel)
-
-
-# ---- 8: the metrics port ----------------------------------------------------------------------------
-
-
-def test_the_metrics_port_serves_only_metrics():
-    metrics = Metrics(CollectorRegistry())
-    metrics.request_done("alice/secret", "alice", "OK", 0.1)
-    port = metrics.start_http_server("127.0.0.1", 0)
-    try:
-        def get(path: str, method: str = "GET") -> tuple[int, bytes]:
-            req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", method=method)
-            try:
-                with urllib.request.urlopen(req, timeout=10) as r:
-                    return r.status, r.read()
-            except urllib.error.HTTPError as e:
-                return e.code, b""
-
-        status_, body = get("/metrics")
-        assert status_ == 200 and b"adapterd_" in body
-        assert get("/metrics?name[]=adapterd_requests_total")[0] == 200
-        for path in ("/", "/index.html", "/metrics/", "/debug", "/metricsx"):
-            assert get(path)[0] == 404, path
-        assert get("/metrics", "POST")[0] == 405
-    finally:
-        metrics.stop_http_server()
 
 
 def test_generate_request_with_a_bad_field_number_type_still_parses(server):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import urllib.error
 import urllib.request
 
 import pytest
@@ -181,3 +182,27 @@ def test_http_exposition(metrics):
     finally:
         metrics.stop_http_server()
     assert metrics.http_port is None
+
+
+def test_the_metrics_port_serves_only_metrics():
+    """The hostile matrix (issue 18, item 8): /metrics and nothing else, GET only."""
+    metrics = Metrics(CollectorRegistry())
+    metrics.request_done("alice/secret", "alice", "OK", 0.1)
+    port = metrics.start_http_server("127.0.0.1", 0)
+    try:
+        def get(path: str, method: str = "GET") -> tuple[int, bytes]:
+            req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", method=method)
+            try:
+                with urllib.request.urlopen(req, timeout=10) as r:
+                    return r.status, r.read()
+            except urllib.error.HTTPError as e:
+                return e.code, b""
+
+        status_, body = get("/metrics")
+        assert status_ == 200 and b"adapterd_" in body
+        assert get("/metrics?name[]=adapterd_requests_total")[0] == 200
+        for path in ("/", "/index.html", "/metrics/", "/debug", "/metricsx"):
+            assert get(path)[0] == 404, path
+        assert get("/metrics", "POST")[0] == 405
+    finally:
+        metrics.stop_http_server()
