@@ -395,13 +395,15 @@ if kind == "local":
             time.sleep(600)
         LocalStorage.put(storage, key, src)
 else:
+    import boto3
     endpoint, bucket = where.split("|")
     storage = S3Storage(bucket, "team/adapters", S3Options(endpoint, "us-east-1", "test", "test"))
     def put(key, src):
         if isinstance(src, Path) and src.name.endswith(".safetensors"):
-            c = storage._client
-            up = c.create_multipart_upload(Bucket=storage.bucket, Key=storage._k(key))
-            c.upload_part(Bucket=storage.bucket, Key=storage._k(key), UploadId=up["UploadId"], PartNumber=1, Body=b"x" * 1000)
+            c = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
+                             aws_access_key_id="test", aws_secret_access_key="test")
+            up = c.create_multipart_upload(Bucket=bucket, Key=storage.prefix + key)
+            c.upload_part(Bucket=bucket, Key=storage.prefix + key, UploadId=up["UploadId"], PartNumber=1, Body=b"x" * 1000)
             print("READY", flush=True)
             time.sleep(600)
         S3Storage.put(storage, key, src)
@@ -411,12 +413,13 @@ Registry(storage).push("default", "sql", adapter)
 
 
 @pytest.mark.slow
-def test_kill_9_mid_push_keeps_the_previous_version(backend, llama):
+def test_kill_9_mid_push_keeps_the_previous_version(backend, llama, request):
     kind, storage = backend
     spec, (a1, a2, _) = llama
     v1 = Registry(storage, spec=spec, max_rank=MAX_RANK).push("default", "sql", a1)
     before = set(_keys(storage))
-    where = str(storage.root) if kind == "local" else f"{storage._client.meta.endpoint_url}|{storage.bucket}"
+    endpoint = request.getfixturevalue("s3_bucket")[0] if kind == "s3" else None
+    where = str(storage.root) if kind == "local" else f"{endpoint}|{storage.bucket}"
     proc = subprocess.Popen([sys.executable, "-c", _CRASHING_PUSH, kind, where, str(a2)],
                             stdout=subprocess.PIPE, text=True)
     try:
@@ -435,7 +438,11 @@ def test_kill_9_mid_push_keeps_the_previous_version(backend, llama):
     if kind == "local":
         assert [p.name for p in (storage.root / ".tmp").iterdir()] == ["lock"]
     else:
-        assert storage._client.list_multipart_uploads(Bucket=storage.bucket).get("Uploads", []) == []
+        import boto3
+
+        s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
+                          aws_access_key_id="test", aws_secret_access_key="test")
+        assert s3.list_multipart_uploads(Bucket=storage.bucket).get("Uploads", []) == []
     assert reg.push("default", "sql", a2).version == 2
 
 
