@@ -19,7 +19,6 @@ class ModelSpec:
 
     name: str  # the directory's name, or the model's _name_or_path
     identity: str  # sha256 of config.json: two bases with the same shapes still differ
-    model_type: str
     # module path (as in the base model, e.g. "model.layers.0.self_attn.q_proj") -> (in, out)
     linear_shapes: dict[str, tuple[int, int]]
 

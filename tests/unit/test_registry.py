@@ -8,6 +8,7 @@ cleaned at the next start.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import subprocess
@@ -200,7 +201,7 @@ def test_missing_blob_is_data_loss(registry, llama):
 def test_adapter_pushed_for_another_base_is_not_loaded(backend, llama):
     spec, (a1, _, _) = llama
     Registry(backend[1], spec=spec, max_rank=MAX_RANK).push("default", "x", a1)
-    other = type(spec)(spec.name, "f" * 64, spec.model_type, spec.linear_shapes)
+    other = dataclasses.replace(spec, identity="f" * 64)
     reg = Registry(backend[1], spec=other, max_rank=MAX_RANK)
     with pytest.raises(errors.AdapterMismatch, match="was pushed for base model"):
         reg.load(reg.resolve("default", "x"))

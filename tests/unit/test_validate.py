@@ -311,7 +311,7 @@ def test_adapter_for_another_base_model(tiny):
 def test_shapes_of_another_base_model(llama):
     spec, d = llama
     shapes = {k: (in_f * 2, out_f) for k, (in_f, out_f) in spec.linear_shapes.items()}
-    wider = ModelSpec("wider", "x" * 64, "llama", shapes)
+    wider = ModelSpec("wider", "x" * 64, shapes)
     _raises(errors.AdapterMismatch, r"down_proj takes 128 -> 64 features in the adapter, 256 -> 64 in the served base model", d, wider)
 
 

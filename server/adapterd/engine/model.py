@@ -117,7 +117,6 @@ def model_spec(model, path: Path) -> ModelSpec:
     return ModelSpec(
         name=cfg.get("_name_or_path") or Path(path).name,
         identity=hashlib.sha256(config_bytes).hexdigest(),
-        model_type=cfg.get("model_type", "unknown"),
         linear_shapes=shapes,
     )
 
