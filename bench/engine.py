@@ -48,7 +48,8 @@ def step_tok_s(run, rows: int, new_tokens: int, repeats: int) -> float:
     return rows / statistics.median(times)
 
 
-def engine_runner(base_dir: Path, adapters: list[Path], prompts: list[list[int]], slots_per_row: list[int]):
+def engine_runner(base_dir: Path, adapters: list[Path], prompts: list[list[int]], slots_per_row: list[int],
+                  stack_dtype: torch.dtype | None = None):
     from adapterd.engine import nf4cpu
     from adapterd.engine.generate import Request
     from adapterd.engine.lora import inject_lora
@@ -58,7 +59,7 @@ def engine_runner(base_dir: Path, adapters: list[Path], prompts: list[list[int]]
     from adapterd.registry.validate import read_adapter
 
     model, tokenizer, spec = load_base_model(base_dir)
-    slots = inject_lora(model, num_slots=len(adapters) + 1, max_rank=64)
+    slots = inject_lora(model, num_slots=len(adapters) + 1, max_rank=64, stack_dtype=stack_dtype)
     for i, path in enumerate(adapters, start=1):
         slots.load(i, read_adapter(path, spec, 64))
     attached = []

@@ -9,7 +9,7 @@ from torch import nn
 
 
 def _slots_for(layer: BatchedLoraLinear, gathered: bool) -> LoraSlots:
-    return LoraSlots({"layer": layer}, layer.lora_a.shape[0], layer.lora_a.shape[2], torch.device("cpu"),
+    return LoraSlots({"layer": layer}, layer.lora_a.shape[0], layer.lora_a.shape[1], torch.device("cpu"),
                      gather_budget_bytes=2**40 if gathered else 0)
 
 
@@ -148,6 +148,8 @@ def test_stacks_made_under_no_grad_are_rebuilt_for_inference_mode_and_back():
         torch.testing.assert_close(layer(torch.cat([x, x[:1]])), want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("stack_dtype", [torch.float32, torch.bfloat16], ids=["f32-stacks", "bf16-stacks"])
+@pytest.mark.parametrize("kernel", [False, True], ids=["torch", "c-kernel"])
 @pytest.mark.parametrize("token_slots", [
     [2, 2, 2, 2],  # one adapter, every token
     [0, 3, 0, 3, 3],  # one adapter beside base tokens (masked)
@@ -155,22 +157,32 @@ def test_stacks_made_under_no_grad_are_rebuilt_for_inference_mode_and_back():
     [1, 2, 3, 1, 2, 3],  # grouped, equal counts
     [1] * 40 + [0] * 3 + [2] * 30 + [3] * 5,  # runs: a run longer than the grouped path takes
 ], ids=["one", "one-masked", "grouped-padded", "grouped", "runs"])
-def test_flat_run_matches_reference_per_token(token_slots):
+def test_flat_run_matches_reference_per_token(token_slots, kernel, stack_dtype):
     """The paged engine's flat runs (FlatPlan): each token's output equals the base plus its
-    own adapter's delta, whichever path the plan takes, with ranks that differ per adapter
-    and an adapter that does not touch this layer."""
+    own adapter's delta, whichever path the plan takes (the C kernel for decode-sized runs on
+    the CPU, else torch), with ranks that differ per adapter, an adapter that does not touch
+    this layer, and stacks in float32 or bfloat16 (the reference then takes the weights as
+    the stacks hold them: A and scale * B rounded to bfloat16)."""
+    from adapterd.engine import native
+
+    kernels = native.load() if kernel else None
+    if kernel and kernels is None:
+        pytest.skip("no C compiler: the kernel cannot be built here")
     torch.manual_seed(7)
     base = nn.Linear(24, 40)
-    layer = BatchedLoraLinear(base, num_slots=5, max_rank=8)
-    slots = LoraSlots({"l": layer}, 5, 8, torch.device("cpu"))
+    layer = BatchedLoraLinear(base, num_slots=5, max_rank=8, stack_dtype=stack_dtype)
+    slots = LoraSlots({"l": layer}, 5, 8, torch.device("cpu"), kernels=kernels)
     adapters = {}
     for slot, r in ((1, 8), (2, 3), (3, 5)):
         a, b, scale = torch.randn(r, 24), torch.randn(40, r), 0.5 * slot
         layer.set_slot(slot, a, b, scale)
-        adapters[slot] = (a, b, scale)
+        held_a, held_sb = a.to(stack_dtype).float(), (b * scale).to(stack_dtype).float()
+        adapters[slot] = (held_a, held_sb, 1.0)
     layer.set_slot(4, None, None, 0.0)  # targets other modules only
     x = torch.randn(1, len(token_slots), 24)
     slots.set_tokens(token_slots)
+    decode_sized = len(token_slots) <= 64
+    assert (layer.flat_path == "kernel") == (kernel and decode_sized), layer.flat_path
     with torch.no_grad():
         got = layer(x)[0]  # (T, out)
         want = reference_forward(base, x[0][:, None, :], [adapters.get(s) for s in token_slots])[:, 0]
@@ -178,3 +190,26 @@ def test_flat_run_matches_reference_per_token(token_slots):
     with torch.no_grad():  # and a slot with nothing here adds nothing
         slots.set_tokens([4] * len(token_slots))
         torch.testing.assert_close(layer(x)[0], base(x[0]))
+
+
+def test_kernel_reads_the_stacks_in_place_after_a_slot_is_replaced():
+    """The C kernel takes the stacks' addresses once per plan: a slot loaded anew (a hot
+    swap) between two steps is what the next plan's kernel reads."""
+    from adapterd.engine import native
+
+    kernels = native.load()
+    if kernels is None:
+        pytest.skip("no C compiler: the kernel cannot be built here")
+    torch.manual_seed(3)
+    base = nn.Linear(16, 16)
+    layer = BatchedLoraLinear(base, num_slots=3, max_rank=4)
+    slots = LoraSlots({"l": layer}, 3, 4, torch.device("cpu"), kernels=kernels)
+    x = torch.randn(1, 3, 16)
+    for trial in range(2):
+        a, b = torch.randn(4, 16), torch.randn(16, 4)
+        layer.set_slot(1, a, b, 2.0)
+        slots.set_tokens([1, 0, 1])
+        with torch.no_grad():
+            got = layer(x)[0]
+            want = reference_forward(base, x[0][:, None, :], [(a, b, 2.0), None, (a, b, 2.0)])[:, 0]
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=f"trial {trial}")

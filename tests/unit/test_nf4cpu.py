@@ -157,7 +157,7 @@ def test_sibling_layers_with_lora_give_the_unfused_output(same_input):
         for name, lin in (("q_proj", ref.q_proj), ("k_proj", ref.k_proj), ("v_proj", ref.v_proj)):
             layer = slots.layers[name]
             xi = x * 2 if (name == "k_proj" and not same_input) else x
-            a, b = layer.lora_a[1, :, :4].T, layer.lora_b[1, :4].T  # scale folded into B
+            a, b = layer.lora_a[1, :4], layer.lora_b[1, :4].T  # scale folded into B
             outs.append(reference_forward(lin, xi, [(a, b, 1.0), None, (a, b, 1.0)]))
         return torch.cat(outs, -1)
 

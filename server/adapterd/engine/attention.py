@@ -51,7 +51,7 @@ class StepAttention:
     context: torch.Tensor  # (num_decode,) int32: keys each decode row attends to
     max_context: int
     chunks: list[Chunk]
-    kernel: object | None = None  # native.load(), when it applies to this pool
+    kernel: object | None = None  # native.load().paged_decode, when it applies to this pool
     _decode_slots: tuple[torch.Tensor, torch.Tensor] | None = None  # torch path, built once per step
 
     def decode_gather(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

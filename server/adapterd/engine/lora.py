@@ -4,12 +4,14 @@
         │                                                           + ──► y (B, T, out)
         └──► x @ A_row^T (B, T, r) ──► @ (scale * B_row)^T (B, T, out) ┘
 
-Every target linear keeps preallocated slot stacks and a scaling per slot. They hold A and
-scale * B transposed, A^T [S, in, r_max] and (scale * B)^T [S, r_max, out]: the layout the
-batched matmuls consume, so gathering a batch is one index_select per stack and the step
-multiplies contiguous operands (a transposed operand made bmm 1.7x slower here). Slot 0 is
-"no adapter" and stays zero. Activating an adapter is a copy into a slot; the forward
-allocates nothing per adapter.
+Every target linear keeps preallocated slot stacks and a scaling per slot: A as PEFT holds
+it, [S, r_max, in], and scale * B transposed, (scale * B)^T [S, r_max, out], so the rows of
+one adapter at rank r are one contiguous block of each stack (the C kernel below streams
+them; a rank below r_max would otherwise read a strided quarter of each cache line). Slot 0
+is "no adapter" and stays zero. Activating an adapter is a copy into a slot; the forward
+allocates nothing per adapter. The stacks are float32 or bfloat16 (`stack_dtype`; bfloat16
+halves the bytes a decode step reads, which is what bounds a mixed step on the CPU); the
+torch paths multiply in the base's compute dtype, the C kernel sums in float32.
 
 On the CPU the base call goes straight to bitsandbytes' packed kernel (nf4cpu.py), and
 siblings that read the same input (q/k/v, gate/up) share one call (`SiblingGroup`): a
@@ -31,12 +33,12 @@ Two ways to apply the delta, chosen per batch (both checked against `reference_f
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from adapterd.engine import native
 from adapterd.engine.nf4cpu import FusedKernel, PackedKernel
 from adapterd.errors import UnknownTargetModule
 
@@ -84,27 +86,31 @@ GROUPED_MAX_TOKENS = 64
 class FlatPlan:
     """A flat run of tokens (the paged engine): each token's adapter slot. Each layer reads
     each of the run's adapters once, at its own rank (no per-row copy of stacks at the max
-    rank), in one of three ways chosen here once per step:
+    rank), in one of four ways chosen here once per step:
 
+      kernel       a decode-sized run on the CPU: one call of the C kernel (lora_flat.c) per
+                   layer, each token by its own adapter's rows of the slot stacks, read in
+                   place; nothing is copied when the run's adapters change
       one adapter  xa = x @ A^T (T, r); y += xa @ (scale B)^T, base tokens masked to zero
       grouped      the run's n adapters side by side as stacks (n, in, r), (n, r, out):
                    x gathered by adapter (n, m, in) -> two bmm -> index_add_ back into y;
                    four ops per layer whatever n, and no multiply by another adapter's
-                   weights (a decode step: few tokens per adapter)
+                   weights (a decode step without the kernel: a GPU); the stacks are
+                   copied when the run's set of adapters changes, not per step
       runs         per contiguous run of one adapter (tokens are ordered by slot), two
-                   matmuls on views: exact work, for prompt chunks where compute dominates
-
-    The stacks are copied when the run's set of adapters changes, not per step."""
+                   matmuls on views: exact work, for prompt chunks where compute dominates"""
 
     slots: tuple[int, ...]  # the distinct adapter slots in the run (0 omitted), ascending
     token_slot: torch.Tensor  # (T,) long
     uniform: bool  # every token on the same adapter slot
     runs: tuple[tuple[int, int, int], ...] = ()  # (slot, start, end), slot 0 omitted
     grouped: tuple[torch.Tensor, torch.Tensor | None] | None = None  # (n, m) token index, (n, m, 1) valid
+    kernel: KernelRun | None = None
     _masks: dict = field(default_factory=dict)
 
     @classmethod
-    def build(cls, token_slots: list[int], device: torch.device) -> FlatPlan:
+    def build(cls, token_slots: list[int], device: torch.device, kernels: native.Kernels | None = None,
+              max_rank: int = 0) -> FlatPlan:
         distinct = tuple(sorted(set(token_slots) - {0}))
         runs, start = [], 0
         for i in range(1, len(token_slots) + 1):
@@ -112,8 +118,10 @@ class FlatPlan:
                 if token_slots[start] != 0:
                     runs.append((token_slots[start], start, i))
                 start = i
-        grouped = None
-        if len(distinct) > 1 and len(token_slots) <= GROUPED_MAX_TOKENS:
+        grouped = kernel = None
+        if kernels is not None and distinct and len(token_slots) <= GROUPED_MAX_TOKENS:
+            kernel = KernelRun.build(kernels, token_slots, distinct, max_rank)
+        elif len(distinct) > 1 and len(token_slots) <= GROUPED_MAX_TOKENS:
             members = [[t for t, s in enumerate(token_slots) if s == slot] for slot in distinct]
             m = max(len(ts) for ts in members)
             index = torch.tensor([ts + [ts[0]] * (m - len(ts)) for ts in members], device=device)  # (n, m)
@@ -123,7 +131,7 @@ class FlatPlan:
                                      device=device)[:, :, None]  # (n, m, 1)
             grouped = (index, valid)
         return cls(distinct, torch.tensor(token_slots, dtype=torch.long, device=device),
-                   len(distinct) == 1 and 0 not in token_slots, tuple(runs), grouped)
+                   len(distinct) == 1 and 0 not in token_slots, tuple(runs), grouped, kernel)
 
     def mask(self, columns: tuple[tuple[int, int], ...], dtype: torch.dtype) -> torch.Tensor | None:
         """(T, R) ones where a token's slot owns the column; None when nothing is masked."""
@@ -137,19 +145,52 @@ class FlatPlan:
         return m
 
 
+@dataclass
+class KernelRun:
+    """A run's tokens grouped by adapter slot, as lora_flat.c takes them (CPU tensors, kept
+    alive here while the layers hold their addresses), and the kernel's scratch."""
+
+    kernels: native.Kernels
+    group_slot: torch.Tensor  # (n,) int32
+    group_start: torch.Tensor  # (n + 1,) int64: group g is tokens[group_start[g]:group_start[g + 1]]
+    tokens: torch.Tensor  # int32: the run's tokens on an adapter, by group
+    scratch: torch.Tensor  # (len(tokens), max_rank) float32: x A^T
+
+    @classmethod
+    def build(cls, kernels: native.Kernels, token_slots: list[int], distinct: tuple[int, ...], max_rank: int) -> KernelRun:
+        by_slot: dict[int, list[int]] = {s: [] for s in distinct}
+        for t, s in enumerate(token_slots):
+            if s:
+                by_slot[s].append(t)
+        tokens = [t for s in distinct for t in by_slot[s]]
+        starts = [0]
+        for s in distinct:
+            starts.append(starts[-1] + len(by_slot[s]))
+        return cls(kernels, torch.tensor(distinct, dtype=torch.int32), torch.tensor(starts, dtype=torch.int64),
+                   torch.tensor(tokens, dtype=torch.int32), torch.empty(len(tokens), max_rank))
+
+    def arguments(self, layer: BatchedLoraLinear) -> tuple:
+        """lora_flat's arguments after x and y, for `layer`'s stacks."""
+        return (layer.in_features, layer.out_features, layer.lora_a.shape[1], layer.lora_a.data_ptr(),
+                layer.lora_b.data_ptr(), layer.rank_table.data_ptr(), self.group_slot.data_ptr(),
+                self.group_start.data_ptr(), self.tokens.data_ptr(), len(self.group_slot), self.scratch.data_ptr())
+
+
 class BatchedLoraLinear(nn.Module):
     """Wraps one base linear (nn.Linear or bitsandbytes Linear4bit) with S LoRA slots."""
 
-    def __init__(self, base: nn.Module, num_slots: int, max_rank: int):
+    def __init__(self, base: nn.Module, num_slots: int, max_rank: int, stack_dtype: torch.dtype | None = None):
         super().__init__()
         self.base = base
         self.in_features, self.out_features = base.in_features, base.out_features
-        dtype, device = _compute_dtype(base), _device(base)
-        # A^T and (scale * B)^T per slot: (S, in, r_max) and (S, r_max, out)
-        self.register_buffer("lora_a", torch.zeros(num_slots, self.in_features, max_rank, dtype=dtype, device=device), persistent=False)
+        self.compute_dtype, device = _compute_dtype(base), _device(base)
+        dtype = stack_dtype or self.compute_dtype
+        # A and (scale * B)^T per slot: (S, r_max, in) and (S, r_max, out)
+        self.register_buffer("lora_a", torch.zeros(num_slots, max_rank, self.in_features, dtype=dtype, device=device), persistent=False)
         self.register_buffer("lora_b", torch.zeros(num_slots, max_rank, self.out_features, dtype=dtype, device=device), persistent=False)
         self.scaling = [0.0] * num_slots
         self.rank = [0] * num_slots  # 0: this slot's adapter does not touch this layer
+        self.rank_table = torch.zeros(num_slots, dtype=torch.int32)  # the same, for the C kernel
         self._plan: BatchPlan | None = None
         self._a_rows: torch.Tensor | None = None  # (B, in, r_batch)
         self._b_rows: torch.Tensor | None = None  # (B, r_batch, out), scale folded in
@@ -175,11 +216,13 @@ class BatchedLoraLinear(nn.Module):
         self.lora_b[slot].zero_()
         if a is None:
             self.rank[slot], self.scaling[slot] = 0, 0.0
+            self.rank_table[slot] = 0
             return
         r = a.shape[0]
-        self.lora_a[slot, :, :r].copy_(a.T)  # (in, r)
+        self.lora_a[slot, :r].copy_(a)  # (r, in)
         self.lora_b[slot, :r].copy_(b.T * scaling)  # (r, out)
         self.rank[slot], self.scaling[slot] = r, float(scaling)
+        self.rank_table[slot] = r
 
     def plan(self, plan: BatchPlan) -> None:
         """Prepare for a new batch: per-row stacks are made when the batch changes, not every
@@ -192,10 +235,10 @@ class BatchedLoraLinear(nn.Module):
             if not plan.transient:
                 self._a_buf = self._b_buf = None  # the buffers no longer follow the batch
             return
-        a_src, b_src = self.lora_a[:, :, :r], self.lora_b[:, :r]  # (S, in, r), (S, r, out)
+        a_src, b_src = self.lora_a[:, :r].transpose(1, 2), self.lora_b[:, :r]  # (S, in, r), (S, r, out) views
         if plan.transient:
-            self._a_rows = a_src.index_select(0, plan.index)  # (G, in, r)
-            self._b_rows = b_src.index_select(0, plan.index)  # (G, r, out)
+            self._a_rows = self._compute(a_src.index_select(0, plan.index)).contiguous()  # (G, in, r)
+            self._b_rows = self._compute(b_src.index_select(0, plan.index))  # (G, r, out)
             return
         rows = len(plan.key)
         buf_a, buf_b = self._a_buf, self._b_buf
@@ -204,15 +247,15 @@ class BatchedLoraLinear(nn.Module):
             or (buf_a.is_inference() and not torch.is_inference_mode_enabled())  # cannot update it here
         ):
             cap = max(rows, plan.capacity)
-            buf_a = torch.empty((cap, self.in_features, r), dtype=a_src.dtype, device=a_src.device)
-            buf_b = torch.empty((cap, r, self.out_features), dtype=b_src.dtype, device=b_src.device)
-            torch.index_select(a_src, 0, plan.index, out=buf_a[:rows])
-            torch.index_select(b_src, 0, plan.index, out=buf_b[:rows])
+            buf_a = torch.empty((cap, self.in_features, r), dtype=self.compute_dtype, device=a_src.device)
+            buf_b = torch.empty((cap, r, self.out_features), dtype=self.compute_dtype, device=b_src.device)
+            buf_a[:rows].copy_(a_src.index_select(0, plan.index))
+            buf_b[:rows].copy_(b_src.index_select(0, plan.index))
             self._a_buf, self._b_buf = buf_a, buf_b
         elif plan.changed_index is not None:
             positions, slots = plan.changed_index
-            buf_a.index_copy_(0, positions, a_src.index_select(0, slots))
-            buf_b.index_copy_(0, positions, b_src.index_select(0, slots))
+            buf_a.index_copy_(0, positions, self._compute(a_src.index_select(0, slots)))
+            buf_b.index_copy_(0, positions, self._compute(b_src.index_select(0, slots)))
         else:  # a row or two (a join, a finish): copy them straight, no temporary
             for p, s in zip(*plan.changed, strict=True):
                 buf_a[p].copy_(a_src[s])
@@ -226,20 +269,31 @@ class BatchedLoraLinear(nn.Module):
         self._flat = None
         if not any(self.rank[s] for s in flat.slots):
             return
-        if len(flat.slots) == 1:
+        fn = flat.kernel.kernels.lora_flat.get(self.lora_a.dtype) if flat.kernel is not None else None
+        if fn is not None and self.compute_dtype == torch.float32 and self.lora_a.device.type == "cpu":
+            self._flat = ("kernel", fn, flat.kernel.arguments(self), flat.kernel)  # the last keeps its tensors alive
+        elif len(flat.slots) == 1:
             slot = flat.slots[0]
             r = self.rank[slot]
-            self._flat = ("one", self.lora_a[slot, :, :r], self.lora_b[slot, :r], flat.mask(((slot, r),), self.lora_a.dtype))
+            self._flat = ("one", self._compute(self.lora_a[slot, :r]).T, self._compute(self.lora_b[slot, :r]),
+                          flat.mask(((slot, r),), self.compute_dtype))
         elif flat.grouped is not None:
             r = max(self.rank[s] for s in flat.slots)
             key = (flat.slots, r)
             if key != self._cat_key:  # (n, in, r), (n, r, out): zero beyond each adapter's own rank
                 index = torch.tensor(flat.slots, device=self.lora_a.device)
-                self._cat = (self.lora_a[:, :, :r].index_select(0, index), self.lora_b[:, :r].index_select(0, index))
+                self._cat = (self._compute(self.lora_a[:, :r].index_select(0, index)).transpose(1, 2).contiguous(),
+                             self._compute(self.lora_b[:, :r].index_select(0, index)))
                 self._cat_key = key
             self._flat = ("grouped", *self._cat, flat.grouped)
         else:
             self._flat = ("runs", flat.runs)
+
+    @property
+    def flat_path(self) -> str | None:
+        """How this layer applies the current flat run's delta: "kernel", "one", "grouped",
+        "runs", or None (no flat run, or no adapter of the run touches this layer)."""
+        return self._flat[0] if self._flat is not None else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, T, in)
         y = self._base_forward(x)  # (B, T, out)
@@ -280,7 +334,11 @@ class BatchedLoraLinear(nn.Module):
 
     def _flat_delta(self, x: torch.Tensor, y: torch.Tensor) -> None:  # x (T, in), y (T, out) in place
         kind = self._flat[0]
-        if kind == "one":
+        if kind == "kernel":
+            _, fn, args, _ = self._flat
+            x = x if x.is_contiguous() else x.contiguous()
+            fn(x.data_ptr(), y.data_ptr(), *args)
+        elif kind == "one":
             _, a, b, mask = self._flat
             xa = x @ a  # (T, r)
             if mask is not None:
@@ -298,7 +356,8 @@ class BatchedLoraLinear(nn.Module):
             for slot, start, end in self._flat[1]:
                 r = self.rank[slot]
                 if r:
-                    y[start:end].addmm_(x[start:end] @ self.lora_a[slot, :, :r], self.lora_b[slot, :r])
+                    a, b = self._compute(self.lora_a[slot, :r]), self._compute(self.lora_b[slot, :r])
+                    y[start:end].addmm_(x[start:end] @ a.T, b)
 
     def _segments(self, x: torch.Tensor, y: torch.Tensor) -> None:
         for slot, start, end in self._plan.segments:
@@ -306,9 +365,13 @@ class BatchedLoraLinear(nn.Module):
             if r == 0:
                 continue
             xs = x[start:end].reshape(-1, self.in_features)  # (n*T, in)
-            xa = xs @ self.lora_a[slot, :, :r]  # (n*T, r)
+            xa = xs @ self._compute(self.lora_a[slot, :r]).T  # (n*T, r)
             ys = y[start:end].view(-1, self.out_features)  # (n*T, out), a view into y
-            ys.addmm_(xa, self.lora_b[slot, :r])  # scale is folded into the slot's B
+            ys.addmm_(xa, self._compute(self.lora_b[slot, :r]))  # scale is folded into the slot's B
+
+    def _compute(self, t: torch.Tensor) -> torch.Tensor:
+        """`t` from the stacks in the compute dtype (a copy only where the stacks are narrower)."""
+        return t if t.dtype == self.compute_dtype else t.to(self.compute_dtype)
 
 
 class SiblingGroup:
@@ -375,8 +438,10 @@ class LoraSlots:
     """The slot table of a model: every wrapped layer, load/unload, and the batch plan."""
 
     def __init__(self, layers: dict[str, BatchedLoraLinear], num_slots: int, max_rank: int,
-                 device: torch.device, gather_budget_bytes: int = DEFAULT_GATHER_BUDGET):
+                 device: torch.device, gather_budget_bytes: int = DEFAULT_GATHER_BUDGET,
+                 kernels: native.Kernels | None = None):
         self.layers = layers
+        self.kernels = kernels  # lora_flat.c for decode-sized flat runs, on the CPU
         self.num_slots = num_slots
         self.max_rank = max_rank
         self.device = device
@@ -449,7 +514,7 @@ class LoraSlots:
 
     def set_tokens(self, token_slots: list[int]) -> None:
         """Tell every layer the adapter slot of each token of a flat run (paged engine)."""
-        flat = FlatPlan.build(token_slots, self.device)
+        flat = FlatPlan.build(token_slots, self.device, self.kernels, self.max_rank)
         for layer in self.layers.values():
             layer.plan_flat(flat)
         self._plan = self._held = None  # the next set_batch plans afresh
@@ -460,9 +525,12 @@ class LoraSlots:
 
 
 def inject_lora(model: nn.Module, *, num_slots: int, max_rank: int,
-                gather_budget_bytes: int = DEFAULT_GATHER_BUDGET) -> LoraSlots:
+                gather_budget_bytes: int = DEFAULT_GATHER_BUDGET, stack_dtype: torch.dtype | None = None,
+                kernels: bool = True) -> LoraSlots:
     """Replace every target linear of `model` by a BatchedLoraLinear with `num_slots` slots
-    (slot 0 = no adapter, so num_slots - 1 adapters can be resident at once)."""
+    (slot 0 = no adapter, so num_slots - 1 adapters can be resident at once). `stack_dtype`:
+    the slot stacks' dtype (default: the base's compute dtype). `kernels`: use the C kernel
+    for decode-sized flat runs on the CPU where it builds (False: the torch paths only)."""
     if num_slots < 2:
         raise ValueError("num_slots must be >= 2: slot 0 is reserved for the base model")
     layers: dict[str, BatchedLoraLinear] = {}
@@ -473,7 +541,7 @@ def inject_lora(model: nn.Module, *, num_slots: int, max_rank: int,
     for name, module in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        wrapped = BatchedLoraLinear(module, num_slots, max_rank)
+        wrapped = BatchedLoraLinear(module, num_slots, max_rank, stack_dtype)
         setattr(parent, child, wrapped)
         layers[name] = wrapped
     for name in layers:
@@ -486,14 +554,10 @@ def inject_lora(model: nn.Module, *, num_slots: int, max_rank: int,
                     for i, m in enumerate(members):
                         m._siblings, m._sibling_index = group, i
     device = next(model.parameters()).device
-    slots = LoraSlots(layers, num_slots, max_rank, device, gather_budget_bytes)
+    native_kernels = native.load() if kernels and device.type == "cpu" else None
+    slots = LoraSlots(layers, num_slots, max_rank, device, gather_budget_bytes, native_kernels)
     slots.set_batch([0])
     return slots
-
-
-def lora_scaling(alpha: float, rank: int, use_rslora: bool) -> float:
-    """PEFT's scaling: alpha / r, or alpha / sqrt(r) with rsLoRA."""
-    return alpha / math.sqrt(rank) if use_rslora else alpha / rank
 
 
 def reference_forward(base: nn.Module, x: torch.Tensor, adapters: list[tuple | None]) -> torch.Tensor:

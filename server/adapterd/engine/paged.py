@@ -74,7 +74,8 @@ class PagedGenerator:
         self.pool = KVPool(layers, num_blocks, block_size, kv_heads, head_dim, dtype, self.device)
         self.blocks = Blocks(num_blocks, block_size)
         self.block_size = block_size
-        self.kernel = native.load() if attention.kernel_applies(self.pool.k) else None
+        kernels = native.load() if attention.kernel_applies(self.pool.k) else None
+        self.kernel = kernels.paged_decode if kernels is not None else None
         self.rows: list[_Row] = []
         attention.register()
         self._configs = {id(c): c for m in model.modules() if hasattr(c := getattr(m, "config", None), "_attn_implementation")}
