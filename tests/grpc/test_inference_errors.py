@@ -25,6 +25,10 @@ INVALID = [
     (request("hello", top_p=0.0), ["params.top_p", "(0, 1]"]),
     (request("hello", top_p=1.5), ["params.top_p", "(0, 1]"]),
     (request("hello", repetition_penalty=0.0), ["params.repetition_penalty", "> 0"]),
+    (request("hello", presence_penalty=2.5), ["params.presence_penalty", "[-2, 2]"]),
+    (request("hello", frequency_penalty=-3.0), ["params.frequency_penalty", "[-2, 2]"]),
+    (request("hello", top_logprobs=3), ["params.top_logprobs", "params.logprobs"]),
+    (request("hello", top_logprobs=21, logprobs=True), ["params.top_logprobs", "0..20"]),
     (request("hello", stop=["a", "b", "c", "d", "e"]), ["params.stop", "5 sequences", "at most 4"]),
     (request("hello", stop=["s" * 65]), ["params.stop[0]", "65 characters", "at most 64"]),
     (request("hello", stop=["ok", ""]), ["params.stop[1]", "empty"]),
@@ -240,3 +244,15 @@ def test_warm_up_batch_stays_within_the_token_limits(serve, monkeypatch):
     assert all(prompt == 6 and prompt + new <= 8 for prompt, new in warm), warm
     reply = server.inference.Generate(request("hey", max_new_tokens=2))
     assert reply.completion_tokens == 2
+
+
+def test_top_logprobs_come_with_each_token_most_likely_first(serve):
+    server = serve()
+    req = request("alternatives", max_new_tokens=5, logprobs=True, top_logprobs=3, ignore_eos=True)
+    whole = server.inference.Generate(req)
+    streamed = [m for m in server.inference.GenerateStream(req)]
+    assert len(whole.top_logprobs) == len(whole.token_ids) == 5
+    for token, lp, top in zip(whole.token_ids, whole.logprobs, whole.top_logprobs, strict=True):
+        assert len(top.token_ids) == 3 and list(top.logprobs) == sorted(top.logprobs, reverse=True)
+        assert top.token_ids[0] == token and top.logprobs[0] == pytest.approx(lp)  # greedy: the first
+    assert [t for m in streamed for t in m.top_logprobs] == list(whole.top_logprobs)

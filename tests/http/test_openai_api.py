@@ -131,6 +131,33 @@ def test_logprobs_on_completions(client):
     assert len(lp.token_logprobs) == 5 and len(lp.tokens) == 5 and all(x <= 0 for x in lp.token_logprobs)
 
 
+def test_top_logprobs_on_chat_and_completions(client):
+    """top_logprobs alternatives, most likely first; greedy picks the first of them; the
+    legacy completions API takes logprobs=N for the same."""
+    msgs = [{"role": "user", "content": "alternatives"}]
+    out = client.chat.completions.create(model="a0", messages=msgs, max_tokens=4, temperature=0, logprobs=True,
+                                         top_logprobs=3, extra_body=FULL)
+    content = out.choices[0].logprobs.content
+    assert len(content) == 4
+    for entry in content:
+        alts = [a.logprob for a in entry.top_logprobs]
+        assert len(alts) == 3 and alts == sorted(alts, reverse=True)
+        assert entry.top_logprobs[0].token == entry.token and entry.logprob == pytest.approx(alts[0])
+    out = client.completions.create(model="a0", prompt="alternatives", max_tokens=3, temperature=0, logprobs=2,
+                                    extra_body=FULL)
+    lp = out.choices[0].logprobs
+    assert len(lp.top_logprobs) == 3 and all(len(d) <= 2 for d in lp.top_logprobs)
+    assert all(max(d.values()) == pytest.approx(chosen) for d, chosen in zip(lp.top_logprobs, lp.token_logprobs, strict=True))
+
+
+def test_frequency_penalty_changes_what_repeats(client):
+    """A strong frequency penalty steers greedy decoding off the tokens it already produced."""
+    kw = dict(model="", prompt="the the the", max_tokens=24, temperature=0, extra_body=FULL)
+    plain = client.completions.create(**kw)
+    penalized = client.completions.create(frequency_penalty=2.0, **kw)
+    assert plain.choices[0].text != penalized.choices[0].text
+
+
 def test_stop_sequence_ends_the_text_before_it(client):
     free = client.completions.create(model="", prompt="stop here", max_tokens=16, temperature=0, extra_body=FULL)
     text = free.choices[0].text
@@ -159,9 +186,9 @@ def test_errors_in_openai_shape(client, server):
     with pytest.raises(openai.NotFoundError) as e:
         client.completions.create(model="nope", prompt="x", max_tokens=2)
     assert e.value.code == "model_not_found" and e.value.body["param"] == "model"
-    for kw, param in ((dict(logit_bias={"1": 5}), "logit_bias"), (dict(presence_penalty=0.5), "presence_penalty"),
+    for kw, param in ((dict(logit_bias={"1": 5}), "logit_bias"), (dict(presence_penalty=2.5), "presence_penalty"),
                       (dict(max_tokens=100000), "max_tokens"), (dict(temperature=3), "temperature"),
-                      (dict(top_logprobs=3, logprobs=True), "top_logprobs")):
+                      (dict(top_logprobs=3), "top_logprobs"), (dict(top_logprobs=21, logprobs=True), "top_logprobs")):
         with pytest.raises(openai.BadRequestError) as e:
             client.chat.completions.create(model="", messages=[{"role": "user", "content": "x"}], **kw)
         assert e.value.body["param"] == param, e.value.body

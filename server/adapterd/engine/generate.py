@@ -41,6 +41,7 @@ class TokenEvent:
     prompt_tokens: int
     completion_tokens: int
     error: str | None = None  # the row failed (finish_reason "error"): why, for the caller
+    top_logprobs: tuple[tuple[int, float], ...] | None = None  # (token, logprob), most likely first
 
 
 @dataclass
@@ -137,13 +138,11 @@ class Generator:
         return ids
 
     def _choose(self, logits: torch.Tensor, rows: list[_Row]) -> list[TokenEvent]:
-        tokens, logprobs = choose_tokens(logits, [r.sampler for r in rows])
-        return [
-            self._advance(row, tok, logprobs[i] if logprobs is not None and row.request.params.logprobs else None)
-            for i, (row, tok) in enumerate(zip(rows, tokens, strict=True))
-        ]
+        choice = choose_tokens(logits, [r.sampler for r in rows])
+        return [self._advance(row, tok, *choice.of(i, row.request.params))
+                for i, (row, tok) in enumerate(zip(rows, choice.tokens, strict=True))]
 
-    def _advance(self, row: _Row, token: int, logprob: float | None) -> TokenEvent:
+    def _advance(self, row: _Row, token: int, logprob: float | None, top: tuple | None) -> TokenEvent:
         row.completion += 1
         row.last_token = token
         text, reason = next_text(row.text, token, row.completion, row.request.params, self.eos)
@@ -152,7 +151,7 @@ class Generator:
         row.finished = reason is not None
         return TokenEvent(
             row.request.id, token, text, logprob, row.finished, reason,
-            len(row.request.prompt_ids), row.completion,
+            len(row.request.prompt_ids), row.completion, top_logprobs=top,
         )
 
     def _compact(self, resort: bool) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 
 from adapterd.config import SchedulerConfig
-from adapterd.engine.sampling import SamplingParams
+from adapterd.engine.sampling import MAX_TOP_LOGPROBS, SamplingParams
 from adapterd.errors import InvalidArgument
 
 
@@ -36,6 +36,9 @@ def sampling_params(
     stop: list[str] | tuple[str, ...],
     logprobs: bool,
     limits: SchedulerConfig,
+    top_logprobs: int = 0,
+    presence_penalty: float = 0.0,
+    frequency_penalty: float = 0.0,
     ignore_eos: bool = False,
     grammar: object | None = None,
 ) -> SamplingParams:
@@ -56,6 +59,13 @@ def sampling_params(
         raise InvalidArgument(f"params.top_p must be in (0, 1]; got {top_p}")
     if repetition_penalty is not None and not (repetition_penalty > 0 and math.isfinite(repetition_penalty)):
         raise InvalidArgument(f"params.repetition_penalty must be > 0 (1 = none); got {repetition_penalty}")
+    for name, value in (("presence_penalty", presence_penalty), ("frequency_penalty", frequency_penalty)):
+        if not -2.0 <= value <= 2.0:  # also refuses NaN
+            raise InvalidArgument(f"params.{name} must be in [-2, 2] (0 = none); got {value}")
+    if not 0 <= top_logprobs <= MAX_TOP_LOGPROBS:
+        raise InvalidArgument(f"params.top_logprobs must be in 0..{MAX_TOP_LOGPROBS}; got {top_logprobs}")
+    if top_logprobs and not logprobs:
+        raise InvalidArgument("params.top_logprobs needs params.logprobs set")
     # The sampler seeds a 64-bit signed generator: s and s + 2^63 would give the same tokens,
     # so what it cannot tell apart is refused (as training's --seed is).
     if seed is not None and not 0 <= seed < 2**63:
@@ -80,6 +90,9 @@ def sampling_params(
         seed=seed,
         stop=tuple(stop),
         logprobs=logprobs,
+        top_logprobs=top_logprobs,
+        presence_penalty=presence_penalty,
+        frequency_penalty=frequency_penalty,
         ignore_eos=ignore_eos,
         grammar=grammar,
     )

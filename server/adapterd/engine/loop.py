@@ -99,6 +99,9 @@ class GenerateArgs:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     logprobs: bool = False
+    top_logprobs: int = 0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
     ignore_eos: bool = False
     response_format: ResponseFormat | None = None  # None: free text
 

@@ -268,18 +268,16 @@ class PagedGenerator:
             if keep_rows:
                 events += self._choose(logits[keep], keep_rows)
             return events
-        tokens, logprobs = choose_tokens(logits, [r.sampler for r in rows])
-        return [
-            self._advance(row, tok, logprobs[i] if logprobs is not None and row.request.params.logprobs else None)
-            for i, (row, tok) in enumerate(zip(rows, tokens, strict=True))
-        ]
+        choice = choose_tokens(logits, [r.sampler for r in rows])
+        return [self._advance(row, tok, *choice.of(i, row.request.params))
+                for i, (row, tok) in enumerate(zip(rows, choice.tokens, strict=True))]
 
     def _fail_row(self, row: _Row) -> TokenEvent:
         self._free(row)
         return TokenEvent(row.request.id, None, "", None, True, "error", row.prompt_len, row.completion,
                           error="the forward produced non-finite logits (NaN or inf) for this request")
 
-    def _advance(self, row: _Row, token: int, logprob: float | None) -> TokenEvent:
+    def _advance(self, row: _Row, token: int, logprob: float | None, top: tuple | None) -> TokenEvent:
         row.completion += 1
         text, reason = next_text(row.text, token, row.completion, row.request.params, self.eos)
         if reason is None:
@@ -287,7 +285,7 @@ class PagedGenerator:
         else:
             self._free(row)
         return TokenEvent(row.request.id, token, text, logprob, reason is not None, reason,
-                          row.prompt_len, row.completion)
+                          row.prompt_len, row.completion, top_logprobs=top)
 
     def _free(self, row: _Row) -> None:
         if row.finished:

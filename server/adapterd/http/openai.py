@@ -46,6 +46,7 @@ class _Row:
     text: list[str] = dataclasses.field(default_factory=list)
     tokens: list[int] = dataclasses.field(default_factory=list)
     logprobs: list[float] = dataclasses.field(default_factory=list)
+    top: list[tuple] = dataclasses.field(default_factory=list)  # per token: its alternatives
     completion_tokens: int = 0
     finish_reason: str | None = None
 
@@ -54,6 +55,7 @@ class _Row:
         self.tokens.append(ev.token_id)
         if ev.logprob is not None:
             self.logprobs.append(ev.logprob)
+            self.top.append(ev.top_logprobs or ())
         self.completion_tokens = ev.completion_tokens
         if ev.finished:
             self.finish_reason = FINISH.get(ev.finish_reason, ev.finish_reason)
@@ -260,22 +262,28 @@ class _Reply:
         completion = sum(r.completion_tokens for r in self.rows)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
-    def _logprobs(self, tokens: list[int], logprobs: list[float]):
+    def _logprobs(self, tokens: list[int], logprobs: list[float], top: list[tuple]):
+        """OpenAI's logprobs object: chat's `content` list, or the legacy completions arrays
+        (top_logprobs there: one {token text: logprob} object per position)."""
         if not self.req.logprobs:
             return None
         tok = self.api.engine.tokenizer
         texts = [tok.decode([t]) for t in tokens]
+        alternatives = [[(tok.decode([t]), lp) for t, lp in alt] for alt in top]
         if self.chat:
-            return {"content": [{"token": s, "logprob": lp, "bytes": list(s.encode()), "top_logprobs": []}
-                                for s, lp in zip(texts, logprobs, strict=False)]}
-        return {"tokens": texts, "token_logprobs": logprobs, "top_logprobs": None, "text_offset": None}
+            return {"content": [{"token": s, "logprob": lp, "bytes": list(s.encode()),
+                                 "top_logprobs": [{"token": a, "logprob": alp, "bytes": list(a.encode())}
+                                                  for a, alp in alt]}
+                                for s, lp, alt in zip(texts, logprobs, alternatives, strict=False)]}
+        return {"tokens": texts, "token_logprobs": logprobs, "text_offset": None,
+                "top_logprobs": [dict(alt) for alt in alternatives] if self.req.args.top_logprobs else None}
 
     def whole(self) -> dict:
         choices = []
         for r in self.rows:
             text = "".join(r.text)
             choice = {"index": r.index, "finish_reason": r.finish_reason,
-                      "logprobs": self._logprobs(r.tokens, r.logprobs)}
+                      "logprobs": self._logprobs(r.tokens, r.logprobs, r.top)}
             if self.chat:
                 choice["message"] = {"role": "assistant", "content": text}
             else:
@@ -290,7 +298,8 @@ class _Reply:
         return [self._chunk_of(r, {"role": "assistant", "content": ""}, None, None) for r in self.rows]
 
     def chunk(self, row: _Row, ev) -> dict:
-        lp = self._logprobs([ev.token_id], [ev.logprob] if ev.logprob is not None else [])
+        lp = self._logprobs([ev.token_id], [ev.logprob] if ev.logprob is not None else [],
+                            [ev.top_logprobs or ()] if ev.logprob is not None else [])
         reason = FINISH.get(ev.finish_reason, ev.finish_reason) if ev.finished else None
         return self._chunk_of(row, {"content": ev.text} if self.chat else ev.text, reason, lp)
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from adapterd.engine.chat import Message
 from adapterd.engine.grammar import ResponseFormat
 from adapterd.engine.loop import GenerateArgs
+from adapterd.engine.sampling import MAX_TOP_LOGPROBS
 from adapterd.http.errors import invalid
 
 MAX_N = 16  # choices per request: each is a row of the batch
@@ -57,14 +58,14 @@ def parse_body(raw: bytes) -> dict:
 def parse_chat(body: dict) -> Parsed:
     _known(body, CHAT)
     messages = _messages(_get(body, "messages", list, required=True))
-    top = _int(body, "top_logprobs", 0, 20)
-    if top:
-        raise invalid("top_logprobs is not supported: only the chosen token's logprob (logprobs: true); "
-                      "leave it unset or 0", "top_logprobs")
+    logprobs = bool(_get(body, "logprobs", bool))
+    top = _int(body, "top_logprobs", 0, MAX_TOP_LOGPROBS) or 0
+    if top and not logprobs:
+        raise invalid("top_logprobs needs logprobs: true", "top_logprobs")
     max_tokens = _int(body, "max_completion_tokens", 1)
     if max_tokens is None:
         max_tokens = _int(body, "max_tokens", 1)
-    return _common(body, [""], messages, max_tokens, bool(_get(body, "logprobs", bool)))
+    return _common(body, [""], messages, max_tokens, logprobs, top)
 
 
 def parse_completion(body: dict) -> Parsed:
@@ -76,22 +77,14 @@ def parse_completion(body: dict) -> Parsed:
                       "prompt")
     if _get(body, "echo", bool):
         raise invalid("echo is not supported; leave it unset or false", "echo")
-    logprobs = _int(body, "logprobs", 0, 5)
-    if logprobs:
-        raise invalid("logprobs > 0 (top alternatives) is not supported: 0 returns the chosen tokens' logprobs",
-                      "logprobs")
+    logprobs = _int(body, "logprobs", 0, 5)  # the legacy API: N alternatives besides the chosen token
     max_tokens = _int(body, "max_tokens", 1)
-    return _common(body, prompts, [], 16 if max_tokens is None else max_tokens, logprobs is not None)
+    return _common(body, prompts, [], 16 if max_tokens is None else max_tokens, logprobs is not None, logprobs or 0)
 
 
 def _common(body: dict, prompts: list[str], messages: list[Message], max_tokens: int | None,
-            logprobs: bool) -> Parsed:
+            logprobs: bool, top_logprobs: int) -> Parsed:
     model = _get(body, "model", str, required=True)
-    for name in ("presence_penalty", "frequency_penalty"):
-        value = _number(body, name, -2.0, 2.0)
-        if value:
-            raise invalid(f"{name} is not supported (only 0); repetition_penalty (> 1 discourages "
-                          "tokens already seen) is", name)
     _get(body, "user", str)  # accepted, as an end-user id for abuse monitoring; not used
     stream = bool(_get(body, "stream", bool))
     options = _get(body, "stream_options", dict) or {}
@@ -118,6 +111,9 @@ def _common(body: dict, prompts: list[str], messages: list[Message], max_tokens:
         seed=_int(body, "seed"),
         stop=tuple(stop),
         logprobs=logprobs,
+        top_logprobs=top_logprobs,
+        presence_penalty=_number(body, "presence_penalty", -2.0, 2.0) or 0.0,
+        frequency_penalty=_number(body, "frequency_penalty", -2.0, 2.0) or 0.0,
         ignore_eos=bool(_get(body, "ignore_eos", bool)),
         response_format=_response_format(_get(body, "response_format", dict)),
     )

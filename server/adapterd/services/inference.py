@@ -38,6 +38,8 @@ class InferenceService(pb_grpc.InferenceServicer):
                 out.token_ids.append(ev.token_id)
                 if ev.logprob is not None:
                     out.logprobs.append(ev.logprob)
+                if ev.top_logprobs is not None:
+                    out.top_logprobs.append(_top(ev.top_logprobs))
                 out.completion_tokens = ev.completion_tokens
                 if ev.finished:
                     out.finish_reason = FINISH_REASONS[ev.finish_reason]
@@ -58,6 +60,8 @@ class InferenceService(pb_grpc.InferenceServicer):
                 )
                 if ev.logprob is not None:
                     msg.logprobs.append(ev.logprob)
+                if ev.top_logprobs is not None:
+                    msg.top_logprobs.append(_top(ev.top_logprobs))
                 if first:
                     msg.adapter, msg.prompt_tokens, first = generation.adapter, generation.prompt_tokens, False
                 if ev.finished:
@@ -90,6 +94,10 @@ class InferenceService(pb_grpc.InferenceServicer):
         return generation, lease
 
 
+def _top(alternatives: tuple[tuple[int, float], ...]) -> pb.TopLogprobs:
+    return pb.TopLogprobs(token_ids=[t for t, _ in alternatives], logprobs=[lp for _, lp in alternatives])
+
+
 def generate_args(p: pb.GenerationParams) -> GenerateArgs:
     return GenerateArgs(
         max_new_tokens=p.max_new_tokens,
@@ -100,6 +108,9 @@ def generate_args(p: pb.GenerationParams) -> GenerateArgs:
         seed=p.seed if p.HasField("seed") else None,
         stop=tuple(p.stop),
         logprobs=p.logprobs,
+        top_logprobs=p.top_logprobs,
+        presence_penalty=p.presence_penalty,
+        frequency_penalty=p.frequency_penalty,
         ignore_eos=p.ignore_eos,
         response_format=response_format(p.response_format) if p.HasField("response_format") else None,
     )
