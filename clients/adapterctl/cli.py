@@ -14,11 +14,11 @@ import sys
 
 import grpc
 
-from adapterctl import adapters, chat, generate, health, train
+from adapterctl import adapters, chat, export, generate, health, train
 from adapterctl.client import ADDR_ENV, DEFAULT_ADDR, TOKEN_ENV
 from adapterctl.terminal import safe
 
-COMMANDS = [generate, chat, health, adapters, train]
+COMMANDS = [generate, chat, health, adapters, train, export]
 
 EXIT_RPC_BASE = 10
 

@@ -1,6 +1,7 @@
 """`adapterctl train | jobs`: training jobs, and their client library.
 
     train DATA.jsonl --name N [--validation FILE | --val-split F] [--retention-file FILE]
+          [--replay-ratio R] [--min-retention X] [--method lora]
           [--epochs] [--lr] [--rank] [--alpha] [--dropout] [--target-modules ...]
           [--batch-size] [--grad-accum] [--max-seq-len] [--seed] [--no-early-stopping] [--wait]
     jobs list [--state S] [--json]      your jobs, newest first
@@ -116,7 +117,18 @@ def register(subparsers) -> None:
     held_out.add_argument("--val-split", type=float, default=None, metavar="F",
                           help="fraction of DATA held out for validation without --validation (default: 0.1)")
     p.add_argument("--retention-file", type=Path, default=None, metavar="FILE",
-                   help="general prompts with references, scored for adapter and base so forgetting shows")
+                   help="general prompts with references, scored for adapter and base so forgetting shows "
+                   "(default: the server's built-in general set, with the base model's answers as references)")
+    p.add_argument("--replay-ratio", type=float, default=None, metavar="R",
+                   help="mix in R general examples per task example, the base model's own answers to general "
+                   "prompts (self-distillation), so the adapter forgets less (default: 0)")
+    p.add_argument("--min-retention", type=float, default=None, metavar="X",
+                   help="fail the job, publishing nothing, when the adapter keeps less than X (0..1) of the base "
+                   "model's ROUGE-L on the retention set (default: 0, no check)")
+    p.add_argument("--method", default=None, metavar="METHOD",
+                   help="the adapter kind to train: lora (default; the only one the server serves now)")
+    p.add_argument("--use-dora", action="store_true",
+                   help="train DoRA (weight-decomposed LoRA); refused until the server serves DoRA adapters")
     p.add_argument("--epochs", type=float, default=None, help="(default: 3)")
     p.add_argument("--lr", type=float, default=None, dest="learning_rate", metavar="LR", help="peak learning rate, cosine schedule with warmup (default: 2e-4)")
     p.add_argument("--rank", type=int, default=None, help="LoRA rank (default: 16)")
@@ -170,13 +182,14 @@ def run_train(args: argparse.Namespace) -> int:
         k: getattr(args, k) for k in (
             "epochs", "learning_rate", "rank", "alpha", "dropout", "target_modules", "batch_size", "grad_accum",
             "max_seq_len", "seed", "val_split", "warmup_ratio", "max_eval_examples", "eval_max_new_tokens",
+            "replay_ratio", "min_retention", "method",
         )
     }
     with Client.from_args(args) as client:
         training = TrainingClient(client)
         job = training.create(args.data, name=args.name, description=args.description, validation=args.validation,
                               retention=args.retention_file, no_early_stopping=args.no_early_stopping or None,
-                              **hyperparameters)
+                              use_dora=args.use_dora or None, **hyperparameters)
         print(f"job {safe(job.id)}: {_state(job.state)} ({job.train_examples} training, "
               f"{job.validation_examples} validation examples)")
         if not args.wait:
@@ -241,9 +254,13 @@ def follow(training: TrainingClient, job_id: str, out=None) -> int:
     bar.close()
     job = training.get(job_id)
     if job.state != pb.SUCCEEDED:
+        if job.evaluation:  # evaluated, then refused (--min-retention, the registry): the figures help
+            print(evaluation_table(job), file=out)
         print(f"adapterctl: job {safe(job.id)} {_state(job.state)}: {safe(job.error)}", file=sys.stderr)
         return EXIT_JOB_FAILED
     print(evaluation_table(job), file=out)
+    if job.HasField("retention"):
+        print(retention_line(job), file=out)
     adapter = safe(job.adapter)
     print(f"\nadapter {adapter} is served now: adapterctl generate --adapter {adapter} PROMPT", file=out)
     return 0
@@ -294,11 +311,20 @@ class ProgressBar:
             self.out.flush()
 
 
+def retention_line(job: pb.Job) -> str:
+    r = next((s for s in job.evaluation if s.split == "retention"), None)
+    of = "the base model's own answers" if r is not None and r.references == "base" else "the retention file"
+    return (f"retention {job.retention:.3f}: the adapter kept that share of the base model's ROUGE-L F1 on the "
+            f"general prompts (references: {of})")
+
+
 def evaluation_table(job: pb.Job) -> str:
     """Adapter and base model side by side, per evaluated split."""
     blocks = []
     for split in job.evaluation:
-        rows = [(f"{safe(split.split)} ({split.examples} examples)", "adapter", "base", "change")]
+        title = f"{safe(split.split)} ({split.examples} examples"
+        title += ", references: the base model's answers)" if split.references == "base" else ")"
+        rows = [(title, "adapter", "base", "change")]
         rows.append(_row("loss", split.adapter.loss, split.base.loss))
         rows.append(_row("perplexity", split.adapter.perplexity, split.base.perplexity))
         for field, label in ROUGE:
@@ -328,7 +354,8 @@ def describe(job: pb.Job) -> str:
         f"progress     step {job.step}/{job.total_steps}" + (f", loss {job.loss:.4f}" if job.HasField("loss") else ""),
         f"settings     epochs {h.epochs:g}, lr {h.learning_rate:g}, rank {h.rank}, alpha {h.alpha:g}, "
         f"dropout {h.dropout:g}, targets {safe(','.join(h.target_modules))}, batch {h.batch_size} x {h.grad_accum}, "
-        f"max-seq-len {h.max_seq_len}, seed {h.seed}, early stopping {'off' if h.no_early_stopping else 'on'}",
+        f"max-seq-len {h.max_seq_len}, seed {h.seed}, early stopping {'off' if h.no_early_stopping else 'on'}, "
+        f"method {safe(h.method or 'lora')}, replay ratio {h.replay_ratio:g}, min retention {h.min_retention:g}",
     ]
     if job.HasField("training"):
         t = job.training
@@ -337,7 +364,10 @@ def describe(job: pb.Job) -> str:
             f"train loss {t.train_loss:.4f}"
             + (f", best validation loss {t.best_eval_loss:.4f}" if t.HasField("best_eval_loss") else "")
             + f", {t.tokens_per_second:.0f} tokens/s, peak memory {t.peak_memory_bytes / 2**20:.0f} MiB"
+            + (f", {t.replay_examples} replay examples" if t.replay_examples else "")
         )
+    if job.HasField("retention"):
+        lines.append(f"retention    {job.retention:.3f} of the base model's ROUGE-L F1 on the general prompts")
     if job.evaluation:
         lines += ["", evaluation_table(job)]
     return "\n".join(lines)

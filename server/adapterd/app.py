@@ -41,6 +41,7 @@ from adapterd.malloc import tune_malloc
 from adapterd.metrics import Metrics
 from adapterd.registry.store import RegistryResolver, open_registry
 from adapterd.services import adapters, inference, training
+from adapterd.services import export as export_service
 from adapterd.training import open_jobs
 from adapterd.uploads import Uploads
 
@@ -132,10 +133,13 @@ def create_server(
     metrics_registry: CollectorRegistry | None = None,
     lifecycle: Lifecycle | None = None,
     limiter: TenantLimiter | None = None,
+    base_model_dir: Path | None = None,
 ) -> tuple[grpc.aio.Server, int]:
     """Build the server with every service registered; call on the event loop that will run
     it, then `await server.start()`. Returns the server and the bound port (config port 0
-    binds a free one). `metrics` defaults to the engine's, else a new one on
+    binds a free one). With `registry` and `base_model_dir` (the base model's full-precision
+    files), the Export service merges adapters into it. `metrics` defaults to the engine's,
+    else a new one on
     `metrics_registry`; the /metrics endpoint is `serve()`'s to start, not this."""
     lifecycle = lifecycle or Lifecycle(engine)
     metrics = metrics or getattr(engine, "metrics", None) or make_metrics(config, metrics_registry)
@@ -151,6 +155,8 @@ def create_server(
                                                   uploads, engine.forget_adapter))
     if jobs is not None:
         services.append(lambda: training.register(server, jobs, limiter, uploads))
+    if registry is not None and base_model_dir is not None:
+        services.append(lambda: export_service.register(server, registry, base_model_dir))
     names = [register() for register in services]
     health_pb2_grpc.add_HealthServicer_to_server(lifecycle.health, server)
     reflection.enable_server_reflection(
@@ -200,7 +206,8 @@ async def serve(config: Config) -> int:
     lifecycle = Lifecycle(engine)
     limiter = make_limiter(config, metrics)
     server, port = create_server(
-        config, engine=engine, registry=registry, jobs=jobs, lifecycle=lifecycle, metrics=metrics, limiter=limiter
+        config, engine=engine, registry=registry, jobs=jobs, lifecycle=lifecycle, metrics=metrics, limiter=limiter,
+        base_model_dir=base,
     )
     await server.start()
     http = None

@@ -514,12 +514,17 @@ class TrainingConfig(Flags):
         "--cancel-grace", 30.0, "a cancelled worker that has not stopped after this is killed (default: %(default)s)",
         metavar="SECONDS",
     )
+    worker_threads: int = flag(
+        "--training-threads", 0, "CPU threads of each training worker's torch; fewer leave cores to inference "
+        "(default: %(default)s, torch's own choice: every core)", metavar="N",
+    )
 
     def __post_init__(self):
         _check(self.max_concurrent_jobs >= 1, f"--max-concurrent-jobs must be >= 1; got {self.max_concurrent_jobs}")
         _check(self.max_dataset_bytes >= 1, f"--max-dataset-bytes must be >= 1; got {self.max_dataset_bytes}")
         _check(0 <= self.worker_nice <= 19, f"--training-nice must be in 0..19; got {self.worker_nice}")
         _check(self.cancel_grace_s >= 0, f"--cancel-grace must be >= 0 seconds; got {self.cancel_grace_s}")
+        _check(self.worker_threads >= 0, f"--training-threads must be >= 0 (0: every core); got {self.worker_threads}")
 
 
 def concern(cls: type[Flags], title: str) -> Any:

@@ -41,7 +41,8 @@ class _DatasetFileEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_DatasetFi
     """Same formats; without it, val_split of the training file is held out."""
     RETENTION: _DatasetFile.ValueType  # 3
     """General prompts with references, scored for the adapter and the base model so that
-    forgetting shows.
+    forgetting shows. Without it, the server's built-in general set is scored, with the
+    base model's own greedy answers as the references.
     """
 
 class DatasetFile(_DatasetFile, metaclass=_DatasetFileEnumTypeWrapper): ...
@@ -53,7 +54,8 @@ VALIDATION: DatasetFile.ValueType  # 2
 """Same formats; without it, val_split of the training file is held out."""
 RETENTION: DatasetFile.ValueType  # 3
 """General prompts with references, scored for the adapter and the base model so that
-forgetting shows.
+forgetting shows. Without it, the server's built-in general set is scored, with the
+base model's own greedy answers as the references.
 """
 Global___DatasetFile: _TypeAlias = DatasetFile  # noqa: Y015
 
@@ -197,6 +199,10 @@ class Hyperparameters(_message.Message):
     WARMUP_RATIO_FIELD_NUMBER: _builtins.int
     MAX_EVAL_EXAMPLES_FIELD_NUMBER: _builtins.int
     EVAL_MAX_NEW_TOKENS_FIELD_NUMBER: _builtins.int
+    REPLAY_RATIO_FIELD_NUMBER: _builtins.int
+    MIN_RETENTION_FIELD_NUMBER: _builtins.int
+    METHOD_FIELD_NUMBER: _builtins.int
+    USE_DORA_FIELD_NUMBER: _builtins.int
     epochs: _builtins.float
     """3"""
     learning_rate: _builtins.float
@@ -227,6 +233,21 @@ class Hyperparameters(_message.Message):
     """
     eval_max_new_tokens: _builtins.int
     """128"""
+    replay_ratio: _builtins.float
+    """Self-distillation replay: the base model's own greedy answers to general prompts (not
+    the retention set's), this many per task example, trained on beside the task. 0: none.
+    0
+    """
+    min_retention: _builtins.float
+    """Fail the job, publishing nothing, when its retention (Job.retention) is below this.
+    0 = no check
+    """
+    method: _builtins.str
+    """The adapter kind trained: "lora" (the default; the only one served now). Others are
+    INVALID_ARGUMENT naming what is supported.
+    """
+    use_dora: _builtins.bool
+    """DoRA: not served yet, so INVALID_ARGUMENT when set."""
     @_builtins.property
     def target_modules(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """"all-linear" (the default), or module names such as q_proj, v_proj."""
@@ -249,10 +270,14 @@ class Hyperparameters(_message.Message):
         warmup_ratio: _builtins.float | None = ...,
         max_eval_examples: _builtins.int | None = ...,
         eval_max_new_tokens: _builtins.int | None = ...,
+        replay_ratio: _builtins.float | None = ...,
+        min_retention: _builtins.float | None = ...,
+        method: _builtins.str = ...,
+        use_dora: _builtins.bool = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_alpha", b"_alpha", "_batch_size", b"_batch_size", "_dropout", b"_dropout", "_epochs", b"_epochs", "_eval_max_new_tokens", b"_eval_max_new_tokens", "_grad_accum", b"_grad_accum", "_learning_rate", b"_learning_rate", "_max_eval_examples", b"_max_eval_examples", "_max_seq_len", b"_max_seq_len", "_rank", b"_rank", "_seed", b"_seed", "_val_split", b"_val_split", "_warmup_ratio", b"_warmup_ratio", "alpha", b"alpha", "batch_size", b"batch_size", "dropout", b"dropout", "epochs", b"epochs", "eval_max_new_tokens", b"eval_max_new_tokens", "grad_accum", b"grad_accum", "learning_rate", b"learning_rate", "max_eval_examples", b"max_eval_examples", "max_seq_len", b"max_seq_len", "rank", b"rank", "seed", b"seed", "val_split", b"val_split", "warmup_ratio", b"warmup_ratio"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_alpha", b"_alpha", "_batch_size", b"_batch_size", "_dropout", b"_dropout", "_epochs", b"_epochs", "_eval_max_new_tokens", b"_eval_max_new_tokens", "_grad_accum", b"_grad_accum", "_learning_rate", b"_learning_rate", "_max_eval_examples", b"_max_eval_examples", "_max_seq_len", b"_max_seq_len", "_min_retention", b"_min_retention", "_rank", b"_rank", "_replay_ratio", b"_replay_ratio", "_seed", b"_seed", "_val_split", b"_val_split", "_warmup_ratio", b"_warmup_ratio", "alpha", b"alpha", "batch_size", b"batch_size", "dropout", b"dropout", "epochs", b"epochs", "eval_max_new_tokens", b"eval_max_new_tokens", "grad_accum", b"grad_accum", "learning_rate", b"learning_rate", "max_eval_examples", b"max_eval_examples", "max_seq_len", b"max_seq_len", "min_retention", b"min_retention", "rank", b"rank", "replay_ratio", b"replay_ratio", "seed", b"seed", "val_split", b"val_split", "warmup_ratio", b"warmup_ratio"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_alpha", b"_alpha", "_batch_size", b"_batch_size", "_dropout", b"_dropout", "_epochs", b"_epochs", "_eval_max_new_tokens", b"_eval_max_new_tokens", "_grad_accum", b"_grad_accum", "_learning_rate", b"_learning_rate", "_max_eval_examples", b"_max_eval_examples", "_max_seq_len", b"_max_seq_len", "_rank", b"_rank", "_seed", b"_seed", "_val_split", b"_val_split", "_warmup_ratio", b"_warmup_ratio", "alpha", b"alpha", "batch_size", b"batch_size", "dropout", b"dropout", "epochs", b"epochs", "eval_max_new_tokens", b"eval_max_new_tokens", "grad_accum", b"grad_accum", "learning_rate", b"learning_rate", "max_eval_examples", b"max_eval_examples", "max_seq_len", b"max_seq_len", "no_early_stopping", b"no_early_stopping", "rank", b"rank", "seed", b"seed", "target_modules", b"target_modules", "val_split", b"val_split", "warmup_ratio", b"warmup_ratio"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_alpha", b"_alpha", "_batch_size", b"_batch_size", "_dropout", b"_dropout", "_epochs", b"_epochs", "_eval_max_new_tokens", b"_eval_max_new_tokens", "_grad_accum", b"_grad_accum", "_learning_rate", b"_learning_rate", "_max_eval_examples", b"_max_eval_examples", "_max_seq_len", b"_max_seq_len", "_min_retention", b"_min_retention", "_rank", b"_rank", "_replay_ratio", b"_replay_ratio", "_seed", b"_seed", "_val_split", b"_val_split", "_warmup_ratio", b"_warmup_ratio", "alpha", b"alpha", "batch_size", b"batch_size", "dropout", b"dropout", "epochs", b"epochs", "eval_max_new_tokens", b"eval_max_new_tokens", "grad_accum", b"grad_accum", "learning_rate", b"learning_rate", "max_eval_examples", b"max_eval_examples", "max_seq_len", b"max_seq_len", "method", b"method", "min_retention", b"min_retention", "no_early_stopping", b"no_early_stopping", "rank", b"rank", "replay_ratio", b"replay_ratio", "seed", b"seed", "target_modules", b"target_modules", "use_dora", b"use_dora", "val_split", b"val_split", "warmup_ratio", b"warmup_ratio"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__alpha: _TypeAlias = _typing.Literal["alpha"]  # noqa: Y015
     _WhichOneofArgType__alpha: _TypeAlias = _typing.Literal["_alpha", b"_alpha"]  # noqa: Y015
@@ -272,8 +297,12 @@ class Hyperparameters(_message.Message):
     _WhichOneofArgType__max_eval_examples: _TypeAlias = _typing.Literal["_max_eval_examples", b"_max_eval_examples"]  # noqa: Y015
     _WhichOneofReturnType__max_seq_len: _TypeAlias = _typing.Literal["max_seq_len"]  # noqa: Y015
     _WhichOneofArgType__max_seq_len: _TypeAlias = _typing.Literal["_max_seq_len", b"_max_seq_len"]  # noqa: Y015
+    _WhichOneofReturnType__min_retention: _TypeAlias = _typing.Literal["min_retention"]  # noqa: Y015
+    _WhichOneofArgType__min_retention: _TypeAlias = _typing.Literal["_min_retention", b"_min_retention"]  # noqa: Y015
     _WhichOneofReturnType__rank: _TypeAlias = _typing.Literal["rank"]  # noqa: Y015
     _WhichOneofArgType__rank: _TypeAlias = _typing.Literal["_rank", b"_rank"]  # noqa: Y015
+    _WhichOneofReturnType__replay_ratio: _TypeAlias = _typing.Literal["replay_ratio"]  # noqa: Y015
+    _WhichOneofArgType__replay_ratio: _TypeAlias = _typing.Literal["_replay_ratio", b"_replay_ratio"]  # noqa: Y015
     _WhichOneofReturnType__seed: _TypeAlias = _typing.Literal["seed"]  # noqa: Y015
     _WhichOneofArgType__seed: _TypeAlias = _typing.Literal["_seed", b"_seed"]  # noqa: Y015
     _WhichOneofReturnType__val_split: _TypeAlias = _typing.Literal["val_split"]  # noqa: Y015
@@ -299,7 +328,11 @@ class Hyperparameters(_message.Message):
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__max_seq_len) -> _WhichOneofReturnType__max_seq_len | None: ...
     @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__min_retention) -> _WhichOneofReturnType__min_retention | None: ...
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__rank) -> _WhichOneofReturnType__rank | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__replay_ratio) -> _WhichOneofReturnType__replay_ratio | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__seed) -> _WhichOneofReturnType__seed | None: ...
     @_typing.overload
@@ -353,6 +386,7 @@ class Job(_message.Message):
     ADAPTER_FIELD_NUMBER: _builtins.int
     TRAINING_FIELD_NUMBER: _builtins.int
     EVALUATION_FIELD_NUMBER: _builtins.int
+    RETENTION_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     name: _builtins.str
     state: Global___JobState.ValueType
@@ -372,6 +406,10 @@ class Job(_message.Message):
     retention_examples: _builtins.int
     adapter: _builtins.str
     """Once succeeded: the published adapter, "name@N", servable at once."""
+    retention: _builtins.float
+    """Once evaluated: the adapter's ROUGE-L F1 on the retention split over the base model's
+    (1 = it answers general prompts as the base does).
+    """
     @_builtins.property
     def hyperparameters(self) -> Global___Hyperparameters:
         """The hyperparameters in force, every field set."""
@@ -380,7 +418,7 @@ class Job(_message.Message):
     def training(self) -> Global___TrainingStats: ...
     @_builtins.property
     def evaluation(self) -> _containers.RepeatedCompositeFieldContainer[Global___SplitEvaluation]:
-        """Once succeeded: the adapter and the base model side by side, one entry per split."""
+        """Once evaluated: the adapter and the base model side by side, one entry per split."""
 
     def __init__(
         self,
@@ -403,14 +441,20 @@ class Job(_message.Message):
         adapter: _builtins.str = ...,
         training: Global___TrainingStats | None = ...,
         evaluation: _abc.Iterable[Global___SplitEvaluation] | None = ...,
+        retention: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_loss", b"_loss", "hyperparameters", b"hyperparameters", "loss", b"loss", "training", b"training"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_loss", b"_loss", "_retention", b"_retention", "hyperparameters", b"hyperparameters", "loss", b"loss", "retention", b"retention", "training", b"training"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_loss", b"_loss", "adapter", b"adapter", "created_at", b"created_at", "description", b"description", "error", b"error", "evaluation", b"evaluation", "finished_at", b"finished_at", "hyperparameters", b"hyperparameters", "id", b"id", "loss", b"loss", "name", b"name", "retention_examples", b"retention_examples", "started_at", b"started_at", "state", b"state", "step", b"step", "total_steps", b"total_steps", "train_examples", b"train_examples", "training", b"training", "validation_examples", b"validation_examples"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_loss", b"_loss", "_retention", b"_retention", "adapter", b"adapter", "created_at", b"created_at", "description", b"description", "error", b"error", "evaluation", b"evaluation", "finished_at", b"finished_at", "hyperparameters", b"hyperparameters", "id", b"id", "loss", b"loss", "name", b"name", "retention", b"retention", "retention_examples", b"retention_examples", "started_at", b"started_at", "state", b"state", "step", b"step", "total_steps", b"total_steps", "train_examples", b"train_examples", "training", b"training", "validation_examples", b"validation_examples"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__loss: _TypeAlias = _typing.Literal["loss"]  # noqa: Y015
     _WhichOneofArgType__loss: _TypeAlias = _typing.Literal["_loss", b"_loss"]  # noqa: Y015
+    _WhichOneofReturnType__retention: _TypeAlias = _typing.Literal["retention"]  # noqa: Y015
+    _WhichOneofArgType__retention: _TypeAlias = _typing.Literal["_retention", b"_retention"]  # noqa: Y015
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__loss) -> _WhichOneofReturnType__loss | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__retention) -> _WhichOneofReturnType__retention | None: ...
 
 Global___Job: _TypeAlias = Job  # noqa: Y015
 
@@ -426,6 +470,7 @@ class TrainingStats(_message.Message):
     TOKENS_FIELD_NUMBER: _builtins.int
     TOKENS_PER_SECOND_FIELD_NUMBER: _builtins.int
     PEAK_MEMORY_BYTES_FIELD_NUMBER: _builtins.int
+    REPLAY_EXAMPLES_FIELD_NUMBER: _builtins.int
     steps: _builtins.int
     stopped_early: _builtins.bool
     train_loss: _builtins.float
@@ -435,6 +480,8 @@ class TrainingStats(_message.Message):
     tokens_per_second: _builtins.float
     peak_memory_bytes: _builtins.int
     """The worker's peak memory: GPU memory allocated on a GPU, resident set on the CPU."""
+    replay_examples: _builtins.int
+    """Replay examples trained on beside the task examples (Hyperparameters.replay_ratio)."""
     def __init__(
         self,
         *,
@@ -446,10 +493,11 @@ class TrainingStats(_message.Message):
         tokens: _builtins.int = ...,
         tokens_per_second: _builtins.float = ...,
         peak_memory_bytes: _builtins.int = ...,
+        replay_examples: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_best_eval_loss", b"_best_eval_loss", "best_eval_loss", b"best_eval_loss"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_best_eval_loss", b"_best_eval_loss", "best_eval_loss", b"best_eval_loss", "peak_memory_bytes", b"peak_memory_bytes", "runtime_s", b"runtime_s", "steps", b"steps", "stopped_early", b"stopped_early", "tokens", b"tokens", "tokens_per_second", b"tokens_per_second", "train_loss", b"train_loss"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_best_eval_loss", b"_best_eval_loss", "best_eval_loss", b"best_eval_loss", "peak_memory_bytes", b"peak_memory_bytes", "replay_examples", b"replay_examples", "runtime_s", b"runtime_s", "steps", b"steps", "stopped_early", b"stopped_early", "tokens", b"tokens", "tokens_per_second", b"tokens_per_second", "train_loss", b"train_loss"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__best_eval_loss: _TypeAlias = _typing.Literal["best_eval_loss"]  # noqa: Y015
     _WhichOneofArgType__best_eval_loss: _TypeAlias = _typing.Literal["_best_eval_loss", b"_best_eval_loss"]  # noqa: Y015
@@ -465,9 +513,14 @@ class SplitEvaluation(_message.Message):
     EXAMPLES_FIELD_NUMBER: _builtins.int
     ADAPTER_FIELD_NUMBER: _builtins.int
     BASE_FIELD_NUMBER: _builtins.int
+    REFERENCES_FIELD_NUMBER: _builtins.int
     split: _builtins.str
     """"validation", "retention", or "train" when there was no validation split."""
     examples: _builtins.int
+    references: _builtins.str
+    """Where the references came from: "file" (the dataset's), or "base" (the base model's
+    own greedy answers: the built-in retention set).
+    """
     @_builtins.property
     def adapter(self) -> Global___Scores: ...
     @_builtins.property
@@ -479,10 +532,11 @@ class SplitEvaluation(_message.Message):
         examples: _builtins.int = ...,
         adapter: Global___Scores | None = ...,
         base: Global___Scores | None = ...,
+        references: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["adapter", b"adapter", "base", b"base"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter", b"adapter", "base", b"base", "examples", b"examples", "split", b"split"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter", b"adapter", "base", b"base", "examples", b"examples", "references", b"references", "split", b"split"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -19,6 +19,7 @@ from adapterd.errors import InvalidArgument
 from adapterd.tenancy import current_principal
 from adapterd.training import store
 from adapterd.training.data import check_size
+from adapterd.training.evaluate import retention
 from adapterd.training.jobs import JobManager
 from adapterd.training.spec import TrainingSpec
 from adapterd.training.store import Event, Job
@@ -38,7 +39,7 @@ ROUGE_FIELDS = {"rouge1": "rouge1", "rouge2": "rouge2", "rougeL": "rouge_l"}
 # Hyperparameters' optional fields, each named as the TrainingSpec field it sets.
 _OPTIONAL_FIELDS = (
     "epochs", "learning_rate", "rank", "alpha", "dropout", "batch_size", "grad_accum", "max_seq_len", "seed",
-    "val_split", "warmup_ratio", "max_eval_examples", "eval_max_new_tokens",
+    "val_split", "warmup_ratio", "max_eval_examples", "eval_max_new_tokens", "replay_ratio", "min_retention",
 )
 
 
@@ -113,11 +114,15 @@ def training_spec(spec: pb.JobSpec) -> TrainingSpec:
     kwargs = {f: getattr(h, f) for f in _OPTIONAL_FIELDS if h.HasField(f)}
     if h.target_modules:
         kwargs["target_modules"] = tuple(h.target_modules)
-    return TrainingSpec(name=spec.name, description=spec.description, early_stopping=not h.no_early_stopping, **kwargs)
+    if h.method:
+        kwargs["method"] = h.method
+    return TrainingSpec(name=spec.name, description=spec.description, early_stopping=not h.no_early_stopping,
+                        use_dora=h.use_dora, **kwargs)
 
 
 def hyperparameters(spec: TrainingSpec) -> pb.Hyperparameters:
-    h = pb.Hyperparameters(target_modules=list(spec.target_modules), no_early_stopping=not spec.early_stopping)
+    h = pb.Hyperparameters(target_modules=list(spec.target_modules), no_early_stopping=not spec.early_stopping,
+                           method=spec.method, use_dora=spec.use_dora)
     for f in _OPTIONAL_FIELDS:
         setattr(h, f, getattr(spec, f))
     return h
@@ -135,12 +140,16 @@ def job_message(job: Job) -> pb.Job:
     )
     if job.loss is not None:
         msg.loss = job.loss
+    kept = retention(job.evaluation)
+    if kept is not None:
+        msg.retention = kept
     t = job.training
     if t:
         msg.training.CopyFrom(pb.TrainingStats(
             steps=t.get("steps", 0), stopped_early=t.get("stopped_early", False), train_loss=t.get("train_loss", 0.0),
             runtime_s=t.get("train_runtime_s", 0.0), tokens=int(t.get("tokens", 0)),
             tokens_per_second=t.get("tokens_per_second", 0.0), peak_memory_bytes=int(t.get("peak_memory_bytes", 0)),
+            replay_examples=int(t.get("replay_examples", 0)),
         ))
         if t.get("best_eval_loss") is not None:
             msg.training.best_eval_loss = t["best_eval_loss"]
@@ -149,7 +158,8 @@ def job_message(job: Job) -> pb.Job:
 
 def evaluation_messages(evaluation: dict) -> list[pb.SplitEvaluation]:
     return [
-        pb.SplitEvaluation(split=split, examples=r["examples"], adapter=_scores(r["adapter"]), base=_scores(r["base"]))
+        pb.SplitEvaluation(split=split, examples=r["examples"], adapter=_scores(r["adapter"]), base=_scores(r["base"]),
+                           references=r.get("references", "file"))
         for split, r in evaluation.items()
     ]
 

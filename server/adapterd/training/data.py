@@ -191,6 +191,26 @@ def encode(example: Example, tokenizer) -> tuple[list[int], list[int]]:
     return prompt_ids + completion_ids, [IGNORE_INDEX] * len(prompt_ids) + completion_ids
 
 
+def instruction(text: str, tokenizer, line: int = 0) -> Example:
+    """A general instruction with no reference yet (the built-in retention and replay
+    sets): one user turn in the base model's chat template, as the server renders
+    GenerateRequest.messages; a plain prompt where the tokenizer has no template."""
+    if chat.has_template(tokenizer):
+        prompt = chat.render(tokenizer, [chat.Message("user", text)], add_generation_prompt=True)
+        return Example(line, prompt, "", prompt, "", chat=True)
+    prompt = f"{text}\n"
+    return Example(line, prompt, "", prompt, "")
+
+
+def answered(example: Example, tokenizer, answer_ids: list[int], answer: str) -> Example:
+    """The example with `answer` (generated as `answer_ids`, its end-of-turn or EOS token
+    included when it stopped) as its reference and the completion the loss is on: the
+    exact tokens, not a re-tokenization of the text."""
+    prompt_ids = tokenizer(example.prompt, add_special_tokens=not example.chat)["input_ids"]
+    return replace(example, completion=answer, reference=answer, input_ids=tuple(prompt_ids + answer_ids),
+                   labels=tuple([IGNORE_INDEX] * len(prompt_ids) + answer_ids))
+
+
 def tokens(example: Example, tokenizer) -> tuple[list[int], list[int]]:
     """(input_ids, labels) of the example: those kept at its check, else encoded now."""
     if example.input_ids:

@@ -1,13 +1,15 @@
 """Did the adapter help? Scores for the adapter and the base model side by side.
 
-For each evaluated split (the validation split; the retention file, when given, so that
-forgetting shows too):
+For each evaluated split (the validation split; the retention split, so that forgetting
+shows too: the --retention-file, or the built-in general set of general.py, whose
+references are the base model's own greedy answers):
 
 - loss: the mean negative log-likelihood per completion token (the tokens the training
   loss is on), and perplexity = exp(loss);
 - ROUGE-1, ROUGE-2 and ROUGE-L precision, recall and F1 (the `rouge_score` package, with
   stemming), averaged over examples, of greedy generations from each prompt against its
-  reference.
+  reference;
+- retention: the adapter's ROUGE-L F1 on the retention split over the base model's.
 
 The base model's scores come from the same PEFT model with its adapter disabled, so both
 columns see the same weights, prompts and generation settings.
@@ -21,10 +23,11 @@ from collections.abc import Callable
 import torch
 
 from adapterd.engine.chat import eos_token_ids
-from adapterd.training.data import IGNORE_INDEX, Example, collate, tokens
+from adapterd.training.data import IGNORE_INDEX, Example, answered, collate, tokens
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
 SAMPLES_KEPT = 3  # generations kept per split and model, to show next to the numbers
+GENERATE_BATCH = 16  # rows per greedy generation: more than a training batch, decoding is cheap per row
 
 
 def rouge(predictions: list[str], references: list[str]) -> dict[str, dict[str, float]]:
@@ -61,11 +64,12 @@ def completion_loss(model, tokenizer, examples: list[Example], batch_size: int) 
 
 
 @torch.no_grad()
-def generate(model, tokenizer, examples: list[Example], *, batch_size: int, max_new_tokens: int) -> list[str]:
-    """Greedy completions of each example's eval_prompt, stopping at EOS or the chat
-    template's end-of-turn token, as the server does."""
+def generate_ids(model, tokenizer, examples: list[Example], *, batch_size: int, max_new_tokens: int) -> list[list[int]]:
+    """Greedy completions of each example's eval_prompt as token ids, stopping at EOS or the
+    chat template's end-of-turn token as the server does (that token kept, when reached)."""
     device = _device(model)
-    outputs: list[str] = []
+    stops = eos_token_ids(model, tokenizer)
+    outputs: list[list[int]] = []
     for start in range(0, len(examples), batch_size):
         prompts = [_prompt_ids(e, tokenizer) for e in examples[start : start + batch_size]]
         width = max(len(p) for p in prompts)
@@ -81,11 +85,28 @@ def generate(model, tokenizer, examples: list[Example], *, batch_size: int, max_
             max_new_tokens=max_new_tokens,
             do_sample=False,
             use_cache=True,  # training with gradient checkpointing turned the model's default off
-            eos_token_id=sorted(eos_token_ids(model, tokenizer)),  # where serving stops: end of turn too
+            eos_token_id=sorted(stops),  # where serving stops: end of turn too
             pad_token_id=tokenizer.pad_token_id,
         )  # (B, T + new)
-        outputs.extend(tokenizer.batch_decode(out[:, width:], skip_special_tokens=True))
-    return [o.strip() for o in outputs]
+        for row in out[:, width:].tolist():
+            end = next((i + 1 for i, t in enumerate(row) if t in stops), len(row))
+            outputs.append(row[:end])  # a finished row's padding dropped
+    return outputs
+
+
+def generate(model, tokenizer, examples: list[Example], *, batch_size: int, max_new_tokens: int) -> list[str]:
+    """Greedy completions of each example's eval_prompt, as text."""
+    ids = generate_ids(model, tokenizer, examples, batch_size=batch_size, max_new_tokens=max_new_tokens)
+    return [tokenizer.decode(i, skip_special_tokens=True).strip() for i in ids]
+
+
+def answer(model, tokenizer, examples: list[Example], *, batch_size: int, max_new_tokens: int) -> list[Example]:
+    """The examples answered by `model` greedily: each generation becomes the reference and
+    the completion (the exact tokens generated). The built-in retention set's references and
+    replay's training examples are the base model's answers."""
+    ids = generate_ids(model, tokenizer, examples, batch_size=batch_size, max_new_tokens=max_new_tokens)
+    return [answered(e, tokenizer, i, tokenizer.decode(i, skip_special_tokens=True).strip())
+            for e, i in zip(examples, ids, strict=True)]
 
 
 def _prompt_ids(example: Example, tokenizer) -> list[int]:
@@ -93,10 +114,14 @@ def _prompt_ids(example: Example, tokenizer) -> list[int]:
     return ids or [tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id]
 
 
-def score(model, tokenizer, examples: list[Example], *, batch_size: int, max_new_tokens: int) -> dict:
-    """Loss, perplexity, ROUGE and a few samples of one model on one split."""
+def score(model, tokenizer, examples: list[Example], *, batch_size: int, max_new_tokens: int,
+          generations: list[str] | None = None) -> dict:
+    """Loss, perplexity, ROUGE and a few samples of one model on one split; `generations`:
+    the model's greedy answers when they are known already."""
     loss = completion_loss(model, tokenizer, examples, batch_size)
-    generations = generate(model, tokenizer, examples, batch_size=batch_size, max_new_tokens=max_new_tokens)
+    if generations is None:
+        generations = generate(model, tokenizer, examples, batch_size=max(batch_size, GENERATE_BATCH),
+                               max_new_tokens=max_new_tokens)
     return {
         "loss": loss,
         "perplexity": math.exp(min(loss, 700.0)),  # exp overflows a float past ~709
@@ -115,21 +140,61 @@ def compare(
     *,
     batch_size: int,
     max_new_tokens: int,
+    base_referenced: frozenset[str] = frozenset(),
     on_progress: Callable[[str], None] = lambda message: None,
 ) -> dict:
-    """{split: {"examples": n, "adapter": scores, "base": scores}} for each non-empty split."""
+    """{split: {"examples": n, "references": "file" | "base", "adapter": scores, "base": scores}}
+    for each non-empty split. The splits in `base_referenced` (the built-in retention set)
+    have no references of their own: the base model's greedy answers are their references,
+    so the base scores ROUGE 1 there and the adapter's ROUGE says how much of it it kept."""
     peft_model.eval()
     results = {}
     for split, examples in splits.items():
         if not examples:
             continue
-        on_progress(f"evaluating the adapter on {split} ({len(examples)} examples)")
+        n = len(examples)
+        base_answers = None
+        if split in base_referenced:
+            on_progress(f"answering {split} ({n} examples) with the base model, for references")
+            with peft_model.disable_adapter():
+                examples = answer(peft_model, tokenizer, examples, batch_size=max(batch_size, GENERATE_BATCH),
+                                  max_new_tokens=max_new_tokens)
+            base_answers = [e.reference for e in examples]
+        on_progress(f"evaluating the adapter on {split} ({n} examples)")
         adapter = score(peft_model, tokenizer, examples, batch_size=batch_size, max_new_tokens=max_new_tokens)
-        on_progress(f"evaluating the base model on {split} ({len(examples)} examples)")
+        on_progress(f"evaluating the base model on {split} ({n} examples)")
         with peft_model.disable_adapter():
-            base = score(peft_model, tokenizer, examples, batch_size=batch_size, max_new_tokens=max_new_tokens)
-        results[split] = {"examples": len(examples), "adapter": adapter, "base": base}
+            base = score(peft_model, tokenizer, examples, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                         generations=base_answers)
+        results[split] = {"examples": n, "references": "base" if base_answers is not None else "file",
+                          "adapter": adapter, "base": base}
     return results
+
+
+def retention(results: dict) -> float | None:
+    """How much of the base model's behaviour the adapter kept: its ROUGE-L F1 on the
+    retention split over the base's (1.0: all of it); None without a retention split."""
+    r = results.get("retention")
+    if r is None:
+        return None
+    adapter, base = r["adapter"]["rougeL"]["f1"], r["base"]["rougeL"]["f1"]
+    return adapter / base if base > 0 else (1.0 if adapter >= base else 0.0)
+
+
+def retention_failure(results: dict, min_retention: float) -> str:
+    """Why the adapter may not be published under --min-retention, with the figures; ""
+    when it may."""
+    kept = retention(results)
+    if not min_retention or kept is None or kept >= min_retention:
+        return ""
+    r = results["retention"]
+    of = "the base model's own answers" if r.get("references") == "base" else "the retention file's references"
+    return (
+        f"retention {kept:.3f} is below --min-retention {min_retention:g}: on {r['examples']} general prompts "
+        f"the adapter's ROUGE-L F1 against {of} is {r['adapter']['rougeL']['f1']:.4f}, the base model's "
+        f"{r['base']['rougeL']['f1']:.4f}; the adapter was not published (try --replay-ratio, fewer epochs "
+        "or a lower --lr)"
+    )
 
 
 def flat_metrics(results: dict) -> dict[str, float]:

@@ -27,7 +27,7 @@ from adapterd_rules import quote
 
 from adapterd.config import TrainingConfig
 from adapterd.errors import InvalidArgument, NotFound
-from adapterd.training import data
+from adapterd.training import data, general
 from adapterd.training.runner import WorkerRun
 from adapterd.training.spec import ALL_LINEAR, TrainingSpec
 from adapterd.training.store import ACTIVE, STATES, TERMINAL, Event, Job, JobStore
@@ -265,7 +265,9 @@ class JobManager:
         job_dir.mkdir(parents=True)
         for name, examples in (("train", train), ("validation", val), ("retention", retain)):
             data.write_examples(job_dir / f"{name}.jsonl", examples)
-        return {"train_examples": len(train), "validation_examples": len(val), "retention_examples": len(retain)}
+        # Without a retention file the worker scores the built-in general set.
+        n_retention = len(retain) or min(len(general.RETENTION), spec.max_eval_examples)
+        return {"train_examples": len(train), "validation_examples": len(val), "retention_examples": n_retention}
 
     # ---- state ----------------------------------------------------------------------------
 
@@ -319,7 +321,8 @@ class JobManager:
                 self._cond.notify_all()
 
         settings = {"spec": job.spec.to_json(), "base_model": str(self.base_model), "device": self.device,
-                    "compute_dtype": self.compute_dtype, "nice": self.config.worker_nice}
+                    "compute_dtype": self.compute_dtype, "nice": self.config.worker_nice,
+                    "threads": self.config.worker_threads}
         return WorkerRun(
             job, self.job_dir(job.id), settings, cancel_grace_s=self.config.cancel_grace_s,
             record=lambda type_, data, at: self.store.add_event(job.id, type_, data, at=at),

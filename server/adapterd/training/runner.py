@@ -10,7 +10,8 @@ store or the registry: the manager gives it callables for what it reports.
     publish(adapter_dir, metrics) the trained adapter into the registry -> "name@N"
     finished(state, fields)       the job's final state, once, when the worker is done
 
-On success the adapter is published. A
+On success the adapter is published, unless its retention on the general set falls below
+the job's --min-retention (the job fails with the figures, and nothing is published). A
 crash or an OOM fails the job with the reason, and inference never notices either.
 `cancel()` sends the worker SIGTERM (it stops at the end of its step), then SIGKILL after
 the grace period.
@@ -30,7 +31,7 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from adapterd.training.evaluate import flat_metrics
+from adapterd.training.evaluate import flat_metrics, retention_failure
 from adapterd.training.store import Job
 
 log = logging.getLogger(__name__)
@@ -126,10 +127,13 @@ class WorkerRun:
         return self._conclude(final)
 
     def _conclude(self, final: dict) -> tuple[str, dict]:
-        """Publish the trained adapter."""
+        """Check the trained adapter's retention, then publish it."""
         training, evaluation = final["training"], final["evaluation"]
         self.record("evaluation", {"evaluation": evaluation}, None)
         done = {"training": training, "evaluation": evaluation}
+        failure = retention_failure(evaluation, self.job.spec.min_retention)
+        if failure:
+            return "failed", {**done, "error": failure}
         self.record("message", {"message": "publishing the adapter to the registry"}, None)
         metrics = {**flat_metrics(evaluation), **_numbers(training, "training.")}
         try:

@@ -20,6 +20,10 @@ from adapterd_rules import MAX_SCALING, check_name, check_text, quote
 from adapterd.errors import InvalidArgument
 
 ALL_LINEAR = "all-linear"
+METHODS = ("lora",)  # what a job trains: the adapter kinds the engine serves
+# The seeds' other methods, refused by name until the engine serves their adapters.
+NOT_SERVED_YET = ("ia3", "prompt-tuning", "prefix-tuning")
+MAX_REPLAY_RATIO = 10.0
 
 
 @dataclass(frozen=True)
@@ -42,6 +46,12 @@ class TrainingSpec:
     warmup_ratio: float = 0.03
     max_eval_examples: int = 100  # per evaluated split, for the ROUGE generations
     eval_max_new_tokens: int = 128
+    # Self-distillation replay: the base model's answers to general prompts, this many per
+    # task example, trained on beside the task (general.py); 0 = none.
+    replay_ratio: float = 0.0
+    min_retention: float = 0.0  # fail the job, unpublished, when retention is below this; 0 = no check
+    method: str = "lora"
+    use_dora: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "target_modules", tuple(self.target_modules))
@@ -86,6 +96,25 @@ class TrainingSpec:
             1 <= self.eval_max_new_tokens <= 4096,
             f"--eval-max-new-tokens must be in 1..4096; got {self.eval_max_new_tokens}",
         )
+
+        _need(
+            math.isfinite(self.replay_ratio) and 0 <= self.replay_ratio <= MAX_REPLAY_RATIO,
+            f"--replay-ratio must be in [0, {MAX_REPLAY_RATIO:g}] (general examples per task example); "
+            f"got {self.replay_ratio}",
+        )
+        _need(
+            math.isfinite(self.min_retention) and 0 <= self.min_retention <= 1,
+            f"--min-retention must be in [0, 1] (the adapter's share of the base model's ROUGE-L on the "
+            f"retention set; 0 = no check); got {self.min_retention}",
+        )
+        if self.method in NOT_SERVED_YET:
+            raise InvalidArgument(
+                f"--method {self.method}: this server cannot serve {self.method} adapters yet, so it does not "
+                f"train them; supported now: {', '.join(METHODS)}"
+            )
+        _need(self.method in METHODS, f"unknown --method {quote(self.method)}; supported now: {', '.join(METHODS)}")
+        _need(not self.use_dora, "--use-dora: this server cannot serve DoRA adapters yet, so it does not train "
+              "them; train plain LoRA (leave --use-dora off)")
 
     @property
     def peft_target_modules(self) -> str | list[str]:

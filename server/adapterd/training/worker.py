@@ -5,8 +5,11 @@
 It loads its own NF4 copy of the base model (double quantization), puts LoRA on it with
 PEFT, and trains with transformers' Trainer: cosine schedule with warmup, loss on the
 completion tokens only, gradient checkpointing, paged 8-bit AdamW on a GPU (AdamW on the
-CPU), early stopping on the validation loss. Then it saves the adapter and evaluates it
-beside the base model (evaluate.py). A crash or an OOM here ends this process only.
+CPU), early stopping on the validation loss. With --replay-ratio it first asks the base
+model general prompts (general.py) and trains on its answers beside the task. Then it
+saves the adapter and evaluates it beside the base model (evaluate.py) on the validation
+split and the retention split (the --retention-file, else the built-in general set with
+the base model's answers as references). A crash or an OOM here ends this process only.
 
 It reads its settings (the spec, the base model, the device) as JSON on stdin and the
 checked examples the server wrote into JOB_DIR, and reports
@@ -27,6 +30,7 @@ import argparse
 import json
 import math
 import os
+import random
 import resource
 import shutil
 import signal
@@ -34,6 +38,7 @@ import sys
 import threading
 import time
 import traceback
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -48,8 +53,8 @@ from transformers import (
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from adapterd.engine.model import default_device, load_base_model, parse_dtype
-from adapterd.training import evaluate
-from adapterd.training.data import collate, read_examples, tokens
+from adapterd.training import evaluate, general
+from adapterd.training.data import Example, collate, instruction, read_examples, tokens
 from adapterd.training.spec import TrainingSpec
 
 EXIT_OK, EXIT_ERROR, EXIT_CANCELLED = 0, 1, 3
@@ -103,6 +108,8 @@ def failure_reason(e: BaseException) -> str:
 
 def train(job_dir: Path, settings: dict, events: Events, cancel: threading.Event) -> dict:
     os.nice(int(settings.get("nice", 0)))
+    if settings.get("threads"):
+        torch.set_num_threads(int(settings["threads"]))
     spec = TrainingSpec.from_json(settings["spec"])
     device = default_device() if settings["device"] == "auto" else torch.device(settings["device"])
     on_gpu = device.type == "cuda"
@@ -113,6 +120,10 @@ def train(job_dir: Path, settings: dict, events: Events, cancel: threading.Event
 
     events.emit("status", message=f"loading the base model in NF4 on {device}")
     model, tokenizer = prepare_model(settings["base_model"], spec, device, parse_dtype(settings.get("compute_dtype"), device))
+    if cancel.is_set():
+        raise Cancelled
+    replay = replay_examples(model, tokenizer, spec, len(train_examples), events)
+    train_examples = train_examples + replay
     if cancel.is_set():
         raise Cancelled
 
@@ -182,6 +193,7 @@ def train(job_dir: Path, settings: dict, events: Events, cancel: threading.Event
         "tokens": trainer.state.num_input_tokens_seen,
         "tokens_per_second": trainer.state.num_input_tokens_seen / max(1e-9, output.metrics["train_runtime"]),
         "peak_memory_bytes": peak_memory_bytes(device),
+        "replay_examples": len(replay),
     }
 
     adapter_dir = job_dir / "adapter"
@@ -194,18 +206,42 @@ def train(job_dir: Path, settings: dict, events: Events, cancel: threading.Event
             raise Cancelled
         events.emit("status", message=message)
 
-    # Without a validation split, score on (some of) the training data, named as such.
+    # Without a validation split, score on (some of) the task's training data, named as such.
     eval_split = "validation" if evaluating else "train"
-    eval_examples = val_examples if evaluating else train_examples
+    eval_examples = val_examples if evaluating else train_examples[: len(train_examples) - len(replay)]
+    builtin = not retention_examples  # no --retention-file: the general set, the base's answers as references
+    if builtin:
+        retention_examples = [instruction(text, tokenizer, i) for i, text in enumerate(general.RETENTION, 1)]
     results = evaluate.compare(
         model,
         tokenizer,
         {eval_split: eval_examples[: spec.max_eval_examples], "retention": retention_examples[: spec.max_eval_examples]},
         batch_size=spec.batch_size,
         max_new_tokens=spec.eval_max_new_tokens,
+        base_referenced=frozenset({"retention"}) if builtin else frozenset(),
         on_progress=progress,
     )
     return {"adapter_dir": str(adapter_dir), "training": train_stats, "evaluation": results}
+
+
+def replay_examples(model, tokenizer, spec: TrainingSpec, n_task: int, events: Events) -> list[Example]:
+    """Self-distillation replay: round(replay_ratio x n_task) general prompts (general.REPLAY,
+    shuffled by the seed, cycled when more are asked for), answered greedily by the base
+    model; trained on as they were generated, cut at --max-seq-len."""
+    n = round(spec.replay_ratio * n_task)
+    if n == 0:
+        return []
+    order = list(general.REPLAY)
+    random.Random(spec.seed).shuffle(order)
+    prompts = [instruction(order[i % len(order)], tokenizer, i + 1) for i in range(n)]
+    events.emit("status", message=f"replay: the base model answers {n} general prompts, trained on beside the task")
+    model.eval()
+    with model.disable_adapter():
+        answered = evaluate.answer(model, tokenizer, prompts, batch_size=max(spec.batch_size, evaluate.GENERATE_BATCH),
+                                   max_new_tokens=spec.eval_max_new_tokens)
+    model.train()
+    cut = spec.max_seq_len
+    return [replace(e, input_ids=e.input_ids[:cut], labels=e.labels[:cut]) for e in answered]
 
 
 def prepare_model(base_model, spec: TrainingSpec, device: torch.device, compute_dtype: torch.dtype):
