@@ -106,6 +106,7 @@ class FlatPlan:
     runs: tuple[tuple[int, int, int], ...] = ()  # (slot, start, end), slot 0 omitted
     grouped: tuple[torch.Tensor, torch.Tensor | None] | None = None  # (n, m) token index, (n, m, 1) valid
     kernel: KernelRun | None = None
+    key: tuple[int, ...] = ()  # token_slots
     _masks: dict = field(default_factory=dict)
 
     @classmethod
@@ -131,7 +132,7 @@ class FlatPlan:
                                      device=device)[:, :, None]  # (n, m, 1)
             grouped = (index, valid)
         return cls(distinct, torch.tensor(token_slots, dtype=torch.long, device=device),
-                   len(distinct) == 1 and 0 not in token_slots, tuple(runs), grouped, kernel)
+                   len(distinct) == 1 and 0 not in token_slots, tuple(runs), grouped, kernel, tuple(token_slots))
 
     def mask(self, columns: tuple[tuple[int, int], ...], dtype: torch.dtype) -> torch.Tensor | None:
         """(T, R) ones where a token's slot owns the column; None when nothing is masked."""
@@ -205,13 +206,14 @@ class BatchedLoraLinear(nn.Module):
         # Flat runs (FlatPlan): how this step applies the delta, and the grouped path's stacks
         # of the run's adapters, kept while the set of adapters stays the same.
         self._flat: tuple | None = None
+        self.flat_plan: FlatPlan | None = None  # the run _flat was planned for
         self._cat_key: tuple | None = None
         self._cat: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def set_slot(self, slot: int, a: torch.Tensor | None, b: torch.Tensor | None, scaling: float) -> None:
         """Copy A (r, in) and B (out, r) into `slot`; None zeroes the slot for this layer."""
         self._a_buf = self._b_buf = None  # rows of this slot in the buffers are stale now
-        self._cat_key = self._cat = self._flat = None
+        self._cat_key = self._cat = self._flat = self.flat_plan = None
         self.lora_a[slot].zero_()
         self.lora_b[slot].zero_()
         if a is None:
@@ -228,7 +230,7 @@ class BatchedLoraLinear(nn.Module):
         """Prepare for a new batch: per-row stacks are made when the batch changes, not every
         step, and for the running batch only the rows that changed."""
         self._plan = plan
-        self._flat = None
+        self._flat = self.flat_plan = None
         self._a_rows = self._b_rows = None
         r = max((self.rank[s] for s in set(plan.key)), default=0)
         if r == 0 or not plan.gathered:
@@ -264,6 +266,7 @@ class BatchedLoraLinear(nn.Module):
 
     def plan_flat(self, flat: FlatPlan) -> None:
         """Prepare for a flat run (see FlatPlan)."""
+        self.flat_plan = flat
         self._plan = None
         self._a_rows = self._b_rows = None
         self._flat = None
@@ -442,6 +445,7 @@ class LoraSlots:
                  kernels: native.Kernels | None = None):
         self.layers = layers
         self.kernels = kernels  # lora_flat.c for decode-sized flat runs, on the CPU
+        self._flat: FlatPlan | None = None  # the last flat run's plan
         self.num_slots = num_slots
         self.max_rank = max_rank
         self.device = device
@@ -513,10 +517,14 @@ class LoraSlots:
         self._plan = plan
 
     def set_tokens(self, token_slots: list[int]) -> None:
-        """Tell every layer the adapter slot of each token of a flat run (paged engine)."""
-        flat = FlatPlan.build(token_slots, self.device, self.kernels, self.max_rank)
-        for layer in self.layers.values():
-            layer.plan_flat(flat)
+        """Tell every layer the adapter slot of each token of a flat run (paged engine). A
+        decode step with the same rows as the last one keeps its plan, unless a layer was
+        planned otherwise since (a slot loaded, a padded batch)."""
+        flat = self._flat
+        if flat is None or flat.key != tuple(token_slots) or any(m.flat_plan is not flat for m in self.layers.values()):
+            flat = self._flat = FlatPlan.build(token_slots, self.device, self.kernels, self.max_rank)
+            for layer in self.layers.values():
+                layer.plan_flat(flat)
         self._plan = self._held = None  # the next set_batch plans afresh
 
     def _check_slot(self, slot: int) -> None:
