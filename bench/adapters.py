@@ -121,8 +121,8 @@ def main() -> int:
     from adapterctl.adapters import AdaptersClient
     from adapterctl.client import Client
     from adapterd.config import CacheConfig, ModelConfig, RegistryConfig
-    from adapterd.engine.loop import load_engine_parts
     from adapterd.engine.model import base_model_dir
+    from adapterd.engine.parts import load_engine_parts
     from adapterd.registry.store import open_registry
 
     base = base_model_dir(args.base_model)

@@ -165,7 +165,8 @@ def through_server(model, tokenizer, slots, spec, requests: int, clients: int, n
     from adapterctl.client import Client
     from adapterd.app import Lifecycle, create_server
     from adapterd.config import CacheConfig, Config, SchedulerConfig, ServerConfig
-    from adapterd.engine.loop import EngineLoop, EngineParts
+    from adapterd.engine.loop import EngineLoop
+    from adapterd.engine.parts import EngineParts
     from adapterd.resolve import ResolvedAdapter
 
     class RandomAdapters:  # "a0".."a7": random rank-16 weights, loaded through the adapter cache

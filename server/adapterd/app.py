@@ -31,8 +31,9 @@ from adapterd import tls
 from adapterd.access import AuthInterceptor, MetricsInterceptor
 from adapterd.auth import Authenticator, TenantLimiter
 from adapterd.config import Config
-from adapterd.engine.loop import EngineLoop, load_engine_parts, set_torch_threads
+from adapterd.engine.loop import EngineLoop
 from adapterd.engine.model import base_model_dir
+from adapterd.engine.parts import load_engine_parts, set_torch_threads
 from adapterd.errors import AdapterdError
 from adapterd.http.openai import OpenAIApi
 from adapterd.http.server import HttpServer, create_app

@@ -337,11 +337,13 @@ class Metrics:
             self._lora_labels = labels
         self.lora_info.labels(*labels).set(time.time())
 
-    def set_kv(self, *, held: int, cached: int, free: int, tokens: int, lookups: int, hits: int) -> None:
-        """The paged KV cache now; `lookups` and `hits` are totals since start."""
+    def set_kv(self, *, held: int, cached: int, free: int, total: int, reserved: int, tokens: int, lookups: int,
+               hits: int) -> None:
+        """The paged KV cache now (PagedGenerator.kv_stats); `lookups` and `hits` are totals
+        since start. `reserved`: blocks promised to admitted rows, to come from free or cached."""
         for state, n in (("held", held), ("cached", cached), ("free", free)):
             self.kv_blocks.labels(state).set(n)
-        self.kv_usage.set(held / max(1, held + cached + free))
+        self.kv_usage.set(held / max(1, total))
         self.kv_tokens.set(tokens)
         last_lookups, last_hits = self._prefix_totals
         # Totals below the last ones: a new engine counting from 0 (a test's second server).

@@ -12,8 +12,8 @@ import pytest
 import torch
 from adapterctl.cli import main as adapterctl
 from adapterd.config import CacheConfig, ModelConfig
-from adapterd.engine.loop import load_engine_parts
 from adapterd.engine.model import load_base_model
+from adapterd.engine.parts import load_engine_parts
 from adapterd.registry.storage import LocalStorage
 from adapterd.registry.store import Registry, RegistryResolver
 

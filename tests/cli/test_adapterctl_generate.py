@@ -12,7 +12,7 @@ import sys
 import pytest
 from adapterctl.cli import main as adapterctl
 from adapterd.config import CacheConfig, ModelConfig
-from adapterd.engine.loop import load_engine_parts
+from adapterd.engine.parts import load_engine_parts
 from adapterd.registry.store import Registry, RegistryResolver, open_storage
 
 from tests.grpc_harness import RunningServer, request

@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 from adapterd.config import CacheConfig, ModelConfig
-from adapterd.engine.loop import load_engine_parts
+from adapterd.engine.parts import load_engine_parts
 from adapterd.registry.store import Registry, RegistryResolver, open_storage
 
 from tests.grpc_harness import TEST_SCHEDULER, RunningServer

@@ -12,7 +12,7 @@ import grpc
 import pytest
 import torch
 from adapterd.config import CacheConfig, ModelConfig
-from adapterd.engine.loop import load_engine_parts
+from adapterd.engine.parts import load_engine_parts
 from adapterd_api.v1 import inference_pb2 as pb
 from transformers import AutoModelForCausalLM, AutoTokenizer
 

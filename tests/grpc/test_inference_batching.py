@@ -8,7 +8,7 @@ import dataclasses
 import itertools
 
 import pytest
-from adapterd.engine.loop import GenerateArgs
+from adapterd.engine.limits import GenerateArgs
 
 from tests.grpc.conftest import ADAPTERS
 from tests.grpc_harness import TEST_SCHEDULER, request
@@ -65,7 +65,7 @@ def test_greedy_output_survives_slot_evictions(serve):
     server = serve(gpu_slots=2)
     assert _together(server, reqs) == alone
     stats = server.engine.stats()
-    assert stats["gpu_evictions"] >= len(ADAPTERS) - 2, stats
+    assert stats["device_evictions"] >= len(ADAPTERS) - 2, stats
     assert stats["loads"] == len(ADAPTERS), stats  # the CPU tier keeps them: evicted slots reload from it
     assert stats["running"] == 0 and stats["queued"] == 0
 

@@ -15,8 +15,8 @@ import torch
 from adapterd.config import CacheConfig, ModelConfig, SchedulerConfig
 from adapterd.engine.chat import eos_token_ids
 from adapterd.engine.gguf import BUNDLED_PACKAGE
-from adapterd.engine.loop import load_engine_parts
 from adapterd.engine.model import base_model_dir, load_base_model
+from adapterd.engine.parts import load_engine_parts
 from adapterd_api.v1 import inference_pb2 as pb
 
 from tests.grpc.conftest import registry_resolver

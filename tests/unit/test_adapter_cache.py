@@ -128,7 +128,7 @@ def test_slots_are_lru_and_pinned_while_used():
     assert not cache.can_activate()
     cache.unpin(a.key)  # a is free again, b still in use
     assert cache.activate(c) == sa and cache.slot_of(a.key) is None and cache.slot_of(b.key) == sb
-    assert cache.stats.gpu_evictions == 1
+    assert cache.stats.device_evictions == 1
     # Evicted from its slot, a is still in the CPU tier: one copy away, no reload.
     cache.unpin(b.key)
     cache.activate(a)

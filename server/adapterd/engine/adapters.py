@@ -45,7 +45,7 @@ class CacheStats:
     loads: int = 0  # loads started (the single-flight test counts these)
     load_failures: int = 0
     slot_copies: int = 0
-    gpu_evictions: int = 0
+    device_evictions: int = 0
     cpu_evictions: int = 0
 
 
@@ -210,7 +210,7 @@ class AdapterCache:
         if self._free:
             return self._free.pop()
         victim = next(k for k in self._resident if self._pins[k] == 0)
-        self.stats.gpu_evictions += 1
+        self.stats.device_evictions += 1
         self._observe("adapter_evicted", "device")
         return self._resident.pop(victim)
 

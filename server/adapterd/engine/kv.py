@@ -108,6 +108,16 @@ class Blocks:
         return self.num_blocks - len(self._free) - len(self._evictable)
 
     @property
+    def free(self) -> int:
+        """Blocks on the free list (never used, or used and not cached)."""
+        return len(self._free)
+
+    def held_counted(self) -> int:
+        """Blocks some row holds, counted from their refcounts (`held` is the complement of
+        the free and evictable lists; the two agree unless a block leaked)."""
+        return sum(1 for r in self.refcount if r > 0)
+
+    @property
     def cached(self) -> int:
         return len(self._cached)
 

@@ -8,8 +8,10 @@ below assumes requests that passed them.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 from adapterd.config import SchedulerConfig
+from adapterd.engine.grammar import ResponseFormat
 from adapterd.engine.sampling import MAX_TOP_LOGPROBS, SamplingParams
 from adapterd.errors import InvalidArgument
 
@@ -22,6 +24,25 @@ def check_prompt(prompt: str, prompt_tokens: int, limits: SchedulerConfig) -> No
             f"prompt is {prompt_tokens} tokens, over the server's max input tokens "
             f"({limits.max_input_tokens}): shorten the prompt"
         )
+
+
+@dataclass
+class GenerateArgs:
+    """A request's generation parameters as the caller gave them (None = not set)."""
+
+    max_new_tokens: int
+    temperature: float = 0.0
+    top_p: float | None = None
+    top_k: int = 0
+    repetition_penalty: float | None = None
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    logprobs: bool = False
+    top_logprobs: int = 0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    ignore_eos: bool = False
+    response_format: ResponseFormat | None = None  # None: free text
 
 
 def sampling_params(

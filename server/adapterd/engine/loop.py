@@ -17,22 +17,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 from adapterd import errors
-from adapterd.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from adapterd.config import CacheConfig, EngineConfig, SchedulerConfig
 from adapterd.engine import attention, chat, limits, nf4cpu
 from adapterd.engine.adapters import AdapterCache
 from adapterd.engine.chat import Message
 from adapterd.engine.generate import Generator, Request, TokenEvent
-from adapterd.engine.grammar import GrammarCompiler, ResponseFormat
+from adapterd.engine.grammar import GrammarCompiler
 from adapterd.engine.kv import KVPool, prefix_salt
+from adapterd.engine.limits import GenerateArgs
 from adapterd.engine.paged import PagedGenerator
+from adapterd.engine.parts import EngineParts
 from adapterd.engine.sampling import SamplingParams
 from adapterd.engine.scheduler import Scheduler, Submission
 from adapterd.resolve import Resolver
@@ -46,64 +46,6 @@ AUTO_KV_MAX_BYTES = 2 * 2**30
 # The warm-up batch: rows x prompt tokens (capped by --max-batch-size, --max-input-tokens).
 WARM_UP_ROWS = 32
 WARM_UP_TOKENS = 32
-
-
-@dataclass
-class EngineParts:
-    """What the engine loop drives: built once, owned by the loop thread afterwards."""
-
-    model: object
-    tokenizer: object
-    slots: object  # LoraSlots
-    spec: object  # ModelSpec
-
-
-def load_engine_parts(model_config: ModelConfig, cache_config: CacheConfig) -> EngineParts:
-    """Load the base model (NF4 unless --no-quantize) and give it the LoRA slots. The
-    base model is whatever --base-model may name: a directory, a GGUF file, demo, unset."""
-    import torch
-
-    from adapterd.engine.lora import inject_lora
-    from adapterd.engine.model import base_model_dir, default_device, load_base_model, parse_dtype
-
-    path = base_model_dir(model_config.base_model)  # a GGUF file is converted on first use
-    device = default_device() if model_config.device == "auto" else torch.device(model_config.device)
-    dtype = parse_dtype(model_config.compute_dtype, device)
-    model, tokenizer, spec = load_base_model(path, device=device, compute_dtype=dtype, quantize=model_config.quantize)
-    slots = inject_lora(model, num_slots=cache_config.gpu_slots + 1, max_rank=cache_config.max_rank)
-    return EngineParts(model, tokenizer, slots, spec)
-
-
-def set_torch_threads(requested: int) -> int:
-    """Set torch's CPU threads (process-wide) to `requested`, or for 0 to the usable cores,
-    capped by what OMP_NUM_THREADS already set. Returns the number set. The gRPC threads
-    get their share because idle OpenMP workers spin only briefly (see __main__.py)."""
-    import torch
-
-    if requested <= 0:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        requested = max(1, min(torch.get_num_threads(), cores))
-    torch.set_num_threads(requested)
-    return requested
-
-
-@dataclass
-class GenerateArgs:
-    """A request's generation parameters as the caller gave them (None = not set)."""
-
-    max_new_tokens: int
-    temperature: float = 0.0
-    top_p: float | None = None
-    top_k: int = 0
-    repetition_penalty: float | None = None
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-    logprobs: bool = False
-    top_logprobs: int = 0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    ignore_eos: bool = False
-    response_format: ResponseFormat | None = None  # None: free text
 
 
 class _Sink:
@@ -237,7 +179,7 @@ class EngineLoop:
             "loads": s.loads if s else 0,
             "load_failures": s.load_failures if s else 0,
             "slot_copies": s.slot_copies if s else 0,
-            "gpu_evictions": s.gpu_evictions if s else 0,
+            "device_evictions": s.device_evictions if s else 0,
             "cpu_evictions": s.cpu_evictions if s else 0,
         }
 

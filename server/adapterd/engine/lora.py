@@ -14,8 +14,7 @@ halves the bytes a decode step reads, which is what bounds a mixed step on the C
 torch paths multiply in the base's compute dtype, the C kernel sums in float32.
 
 On the CPU the base call goes straight to bitsandbytes' packed kernel (nf4cpu.py), and
-siblings that read the same input (q/k/v, gate/up) share one call (`SiblingGroup`): a
-decode step of 16 rows on the demo model went from 5.8 to 5.3 ms.
+siblings that read the same input (q/k/v, gate/up) share one call (`SiblingGroup`).
 
 Two ways to apply the delta, chosen per batch (both checked against `reference_forward`):
 - gathered: each layer holds its rows' A and (scale * B) as per-row stacks, sliced to the
@@ -24,8 +23,7 @@ Two ways to apply the delta, chosen per batch (both checked against `reference_f
   decode batches of small and medium models. The running batch's stacks live in buffers
   with room to grow and are updated in place: when the batch changes, only the rows whose
   slot changed are copied (the generator appends new rows and moves the last row into a
-  finished row's place, so a join or a finish touches a few rows, not all: re-gathering
-  every row was 2.5 ms a change at 16 rows on the demo model, 20 MB of copies). A prefill
+  finished row's place, so a join or a finish touches a few rows, not all). A prefill
   group's plan is `transient`: gathered apart, it leaves the running batch's buffers alone.
 - segments: rows are sorted by slot; per contiguous segment of one adapter, two matmuls.
   Used when the gathered stacks would exceed a memory budget (large models, large batches).
@@ -396,7 +394,7 @@ class SiblingGroup:
         self._x: torch.Tensor | None = None  # the input the pending outputs were computed for
         self._pending: dict[int, torch.Tensor] = {}  # member index -> its output for _x
         self._misses = 0
-        self._off = False  # no direct kernel (GPU, plain Linear) or no fused one: never fuse
+        self._fusable = True  # False: no direct kernel (GPU, plain Linear) or no fused one, never fuse
 
     def output(self, i: int, x: torch.Tensor) -> torch.Tensor | None:
         """Member `i`'s base output for `x`, or None: compute it the member's own way."""
@@ -408,7 +406,7 @@ class SiblingGroup:
         if self._pending:  # outputs computed for an input nobody asked about again
             self._pending, self._x = {}, None
             self._misses += 1
-        if self._misses >= self.MAX_MISSES or self._off:
+        if self._misses >= self.MAX_MISSES or not self._fusable:
             return None
         fused = self._fused
         if fused is None or not fused.matches(self._bases):
@@ -424,13 +422,13 @@ class SiblingGroup:
         """Fuse once every member's own kernel is current (each has been called, so the
         weights are packed); the members then call the fused weights' views directly too."""
         if not all(m._direct for m in self.members):
-            self._off = True
+            self._fusable = False
             return None
         if not all(m._kernel is not None and m._kernel.matches(m.base) for m in self.members):
             return None
         fused = FusedKernel.of(self._bases)
         if fused is None:  # shapes or formats the kernel cannot take in one call
-            self._off = True
+            self._fusable = False
             return None
         for member, kernel in zip(self.members, fused.members, strict=True):
             member._kernel = kernel

@@ -136,11 +136,14 @@ class PagedGenerator:
         return ids
 
     def kv_stats(self) -> dict[str, int]:
+        """The pool's blocks, each counted from its own state: held (a row holds it), cached
+        (nobody holds it, its prefix is kept), free; these add up to total unless a block
+        leaked. reserved: promised to admitted rows, not yet allocated."""
         b = self.blocks
-        cached_free = b.evictable
         return {
-            "held": b.held, "cached": cached_free, "free": b.num_blocks - b.held - cached_free,
-            "tokens": sum(r.computed for r in self.rows), "lookups": b.stats.lookups, "hits": b.stats.hits,
+            "held": b.held_counted(), "cached": b.evictable, "free": b.free, "total": b.num_blocks,
+            "reserved": b.reserved, "tokens": sum(r.computed for r in self.rows),
+            "lookups": b.stats.lookups, "hits": b.stats.hits,
         }
 
     def forget(self, salt: bytes) -> int:

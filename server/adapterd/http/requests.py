@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from adapterd.engine.chat import Message
 from adapterd.engine.grammar import ResponseFormat
-from adapterd.engine.loop import GenerateArgs
+from adapterd.engine.limits import GenerateArgs
 from adapterd.engine.sampling import MAX_TOP_LOGPROBS
 from adapterd.http.errors import invalid
 

@@ -14,7 +14,8 @@ from adapterd_api.v1 import inference_pb2_grpc as pb_grpc
 from adapterd.auth import RequestLease, TenantLimiter
 from adapterd.engine.chat import Message
 from adapterd.engine.grammar import ResponseFormat
-from adapterd.engine.loop import EngineLoop, GenerateArgs
+from adapterd.engine.limits import GenerateArgs
+from adapterd.engine.loop import EngineLoop
 from adapterd.errors import InvalidArgument
 from adapterd.tenancy import current_principal
 
