@@ -15,6 +15,13 @@ the same settings, alternated in one run. Prints one JSON object; numbers are me
     tokens_per_second_ratio  service / plain (target: >= 0.9: the service adds no overhead)
 
     python bench/train.py [--runs 3] [--examples 64] [--epochs 3] [--batch-size 8] [--base-model DIR|FILE.gguf|demo]
+
+Training beside serving (--latency): for each worker setting (--training-nice and
+--training-threads of `adapterd serve`), streamed requests' p95 TTFT and time per output
+token on the idle server, then again while a job trains, and their ratios (target: each
+<= 1.5 on 2 cores).
+
+    python bench/train.py --latency [--requests 16] [--clients 4] [--new-tokens 32] [--base-model ...]
 """
 
 from __future__ import annotations
@@ -114,19 +121,21 @@ def run_plain(base_model: Path, data: Path, s: dict) -> dict:
 class Service:
     """`adapterd serve` on a loopback port, with its own registry and jobs directory."""
 
-    def __init__(self, root: Path, base_model: Path):
+    def __init__(self, root: Path, base_model: Path, flags: tuple[str, ...] = ("--training-nice", "0")):
         port_file = root / "port"
+        port_file.unlink(missing_ok=True)
         with open(root / "server.log", "wb") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "adapterd", "serve", "--port", "0", "--port-file", str(port_file),
                  "--base-model", str(base_model), "--registry", str(root / "registry"),
-                 "--jobs-dir", str(root / "jobs"), "--training-nice", "0"],
+                 "--jobs-dir", str(root / "jobs"), *flags],
                 stdout=subprocess.DEVNULL, stderr=log,
             )
         deadline = time.monotonic() + 300
         while not port_file.exists():
             if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"adapterd did not start; see {root / 'server.log'}")
+                tail = (root / "server.log").read_text(errors="replace")[-2000:]
+                raise RuntimeError(f"adapterd did not start; its log ends:\n{tail}")
             time.sleep(0.2)
         from adapterctl.client import Client
 
@@ -158,6 +167,76 @@ class Service:
         self.proc.wait(60)
 
 
+# ---- training beside serving ------------------------------------------------------------------
+
+WORKER_SETTINGS = {  # name -> adapterd serve flags for the training worker
+    "nice 10, every core": ("--training-nice", "10"),
+    "nice 19, every core": ("--training-nice", "19"),
+    "nice 19, 1 thread": ("--training-nice", "19", "--training-threads", "1"),
+}
+
+
+def stream_latency(client, n: int, clients: int, new_tokens: int) -> dict:
+    """p95 TTFT and time per output token (ms) of n streamed greedy requests, `clients` at once."""
+    import threading
+
+    ttft, tpot, lock = [], [], threading.Lock()
+    todo = iter(range(n))
+
+    def worker() -> None:
+        while True:
+            with lock:
+                i = next(todo, None)
+            if i is None:
+                return
+            start = time.perf_counter()
+            first = last = None
+            tokens = 0
+            for msg in client.generate_stream(f"Question {i}: name a colour and say why you like it.",
+                                              max_new_tokens=new_tokens, ignore_eos=True):
+                last = time.perf_counter()
+                first = first or last
+                tokens += len(msg.token_ids)
+            with lock:
+                ttft.append(first - start)
+                tpot.append((last - first) / max(1, tokens - 1))
+
+    threads = [threading.Thread(target=worker) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    p95 = lambda xs: statistics.quantiles(xs, n=20)[-1] * 1000  # noqa: E731
+    return {"ttft_p95_ms": p95(ttft), "tpot_p95_ms": p95(tpot), "ttft_p50_ms": statistics.median(ttft) * 1000,
+            "tpot_p50_ms": statistics.median(tpot) * 1000}
+
+
+def latency(args, base_model: Path, data: Path, root: Path) -> dict:
+    from adapterctl.train import TrainingClient
+    from adapterd_api.v1 import training_pb2 as pb
+
+    out = {}
+    for name, flags in WORKER_SETTINGS.items():
+        service = Service(root, base_model, flags)
+        try:
+            idle = stream_latency(service.client, args.requests, args.clients, args.new_tokens)
+            training = TrainingClient(service.client)
+            job = training.create(data, name="bench-latency", epochs=1000, batch_size=args.batch_size,
+                                  learning_rate=args.lr, val_split=0.0)
+            for event in training.watch(job.id):  # measure once the worker trains, not while it loads
+                if event.type == pb.STEP:
+                    break
+            busy = stream_latency(service.client, args.requests, args.clients, args.new_tokens)
+            still = training.get(job.id)
+            training.cancel(job.id)
+        finally:
+            service.stop()
+        out[name] = {"idle": idle, "training": busy, "training_steps_meanwhile": still.step,
+                     "ttft_p95_ratio": busy["ttft_p95_ms"] / idle["ttft_p95_ms"],
+                     "tpot_p95_ratio": busy["tpot_p95_ms"] / idle["tpot_p95_ms"]}
+    return out
+
+
 def medians(runs: list[dict]) -> dict:
     return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
 
@@ -172,6 +251,11 @@ def main() -> int:
     parser.add_argument("--base-model", default=None, metavar="DIR|FILE.gguf|demo",
                         help="a Hugging Face directory, a .gguf file, or demo (the random demo model); "
                         "default: SmolLM2-135M-Instruct, the server's default")
+    parser.add_argument("--latency", action="store_true",
+                        help="measure inference p95 TTFT and TPOT idle vs while a job trains, per worker setting")
+    parser.add_argument("--requests", type=int, default=16, help="--latency: streamed requests per measurement")
+    parser.add_argument("--clients", type=int, default=4, help="--latency: requests in flight at once")
+    parser.add_argument("--new-tokens", type=int, default=32, help="--latency: tokens generated per request")
     parser.add_argument("--plain", default=None, help=argparse.SUPPRESS)  # internal: run the baseline
     args = parser.parse_args()
     if args.plain is not None:
@@ -187,6 +271,11 @@ def main() -> int:
         root = Path(tmp)
         data = root / "train.jsonl"
         data.write_text("".join(DATASET.read_text().splitlines(keepends=True)[: args.examples]))
+        if args.latency:
+            print(json.dumps({"base_model": str(base_model), "requests": args.requests, "clients": args.clients,
+                              "new_tokens": args.new_tokens, "settings": latency(args, base_model, data, root),
+                              "target": "ttft_p95_ratio and tpot_p95_ratio <= 1.5"}, indent=1))
+            return 0
         service = Service(root, base_model)
         try:
             served, plains = [], []

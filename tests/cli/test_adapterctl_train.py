@@ -5,7 +5,14 @@ from __future__ import annotations
 
 import io
 
-from adapterctl.train import ProgressBar, _hyperparameters, create_requests, evaluation_table
+from adapterctl.train import (
+    ProgressBar,
+    _hyperparameters,
+    create_requests,
+    describe,
+    evaluation_table,
+    retention_line,
+)
 from adapterd_api.v1 import training_pb2 as pb
 
 
@@ -66,3 +73,20 @@ def test_evaluation_table_puts_adapter_and_base_side_by_side():
     assert table.splitlines()[0].split() == ["validation", "(26", "examples)", "adapter", "base", "change"]
     assert "ROUGE-L f1" in table and "0.5200" in table and "+0.5000" in table and "-4.0000" in table
     assert "adapter:   df.sort" in table
+
+
+def test_retention_is_shown_with_where_its_references_came_from():
+    rouge = lambda f1: pb.Rouge(precision=f1, recall=f1, f1=f1)  # noqa: E731
+    scores = lambda f1: pb.Scores(loss=1.0, perplexity=2.7, rouge1=rouge(f1), rouge2=rouge(f1), rouge_l=rouge(f1))  # noqa: E731
+    job = pb.Job(retention=0.42, training=pb.TrainingStats(steps=3, replay_examples=24), evaluation=[
+        pb.SplitEvaluation(split="retention", examples=100, adapter=scores(0.42), base=scores(1.0), references="base")])
+    assert evaluation_table(job).splitlines()[0].startswith("retention (100 examples, references: the base model's answers)")
+    assert retention_line(job).startswith("retention 0.420: ") and "the base model's own answers" in retention_line(job)
+    shown = describe(job)
+    assert "24 replay examples" in shown and "retention    0.420" in shown
+
+
+def test_new_training_flags_reach_the_spec():
+    h = _hyperparameters(replay_ratio=0.5, min_retention=0.9, method="lora", use_dora=None)
+    assert (h.replay_ratio, h.min_retention, h.method, h.use_dora) == (0.5, 0.9, "lora", False)
+    assert not _hyperparameters().HasField("replay_ratio")  # unset: the server's default

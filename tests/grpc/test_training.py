@@ -226,6 +226,10 @@ def test_bad_validation_file_and_spec(server, tmp_path):
         ({"rank": 64}, "--rank 64 is above this server's --max-rank 16"),
         ({"target_modules": ["q_proj", "wq"]}, "--target-modules: the base model has no linear module named wq"),
         ({"learning_rate": 0.0}, "--lr must be in (0, 1]"),
+        ({"method": "ia3"}, "--method ia3: this server cannot serve ia3 adapters yet, so it does not train them; "
+                            "supported now: lora"),
+        ({"use_dora": True}, "--use-dora: this server cannot serve DoRA adapters yet"),
+        ({"replay_ratio": -1.0}, "--replay-ratio must be in [0, 10]"),
     ):
         with pytest.raises(grpc.RpcError) as e:
             client.create(data, name="x", **kwargs)
