@@ -170,7 +170,7 @@ def test_a_chat_job_end_to_end(server, tmp_path):
     data = write_jsonl(tmp_path / "chat.jsonl", rows)
     client = TrainingClient(Client(server.addr))
     job = client.create(data, name="pandas-chat", validation=data, epochs=40, learning_rate=3e-3, batch_size=2,
-                        eval_max_new_tokens=40)
+                        eval_max_new_tokens=40, max_eval_examples=12)
     events = watch(server, job.id)
     assert [tpb.JobState.Name(e.state) for e in events if e.type == tpb.STATE][-1] == "SUCCEEDED"
     job = client.get(job.id)
@@ -186,8 +186,9 @@ def test_a_chat_job_end_to_end(server, tmp_path):
     exact = sum(a.text == c and a.finish_reason == ipb.EOS for a, (_, c) in zip(answers, PAIRS, strict=True))
     assert exact >= 0.9 * len(PAIRS), [(a.text, c) for a, (_, c) in zip(answers, PAIRS, strict=True)]
     assert chat("", PAIRS[0][0]).text != PAIRS[0][1]
-    (val,) = job.evaluation
+    val, kept = job.evaluation  # no retention file: the built-in general set, the base's answers as references
     assert val.adapter.rouge_l.f1 > 0.9 > val.base.rouge_l.f1
+    assert (kept.split, kept.examples, kept.references) == ("retention", 12, "base") and job.HasField("retention")
 
 
 def _bad(tmp_path, rows):

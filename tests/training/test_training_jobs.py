@@ -73,8 +73,8 @@ def states(events):
 def test_restart_fails_the_running_job_and_runs_the_queued_one(make_manager):
     published = Published()
     before = make_manager(start=False, publish=published)
-    queued = before.create("default", TrainingSpec(name="adds", epochs=2, learning_rate=1e-3, batch_size=2),
-                           dataset())
+    queued = before.create("default", TrainingSpec(name="adds", epochs=2, learning_rate=1e-3, batch_size=2,
+                                                   max_eval_examples=8, eval_max_new_tokens=16), dataset())
     cut_off = before.create("default", TrainingSpec(name="other"), dataset())
     before.store.update(cut_off.id, state="running")  # as if the server died mid-run
     before.store.close()
