@@ -24,10 +24,10 @@ def _write_adapter(src: Path, dst: Path, config_changes=None, weights: bytes | N
 
 BAD_PUSHES = [
     # (case, error class, gRPC code, message fragment)
-    ("dora", errors.UnsupportedAdapter, "INVALID_ARGUMENT", "DoRA"),
+    ("dora", errors.InvalidAdapter, "INVALID_ARGUMENT", "no DoRA magnitude vector"),
     ("rank", errors.UnsupportedAdapter, "INVALID_ARGUMENT", "max rank 2"),
     ("not_json", errors.InvalidAdapter, "INVALID_ARGUMENT", "not valid JSON"),
-    ("not_lora", errors.UnsupportedAdapter, "INVALID_ARGUMENT", "only LORA"),
+    ("not_lora", errors.UnsupportedAdapter, "INVALID_ARGUMENT", "'LOHA' is not supported"),
     ("truncated", errors.CorruptSafetensors, "INVALID_ARGUMENT", "truncated"),
     ("huge_header", errors.CorruptSafetensors, "INVALID_ARGUMENT", "limit"),
     ("pickled", errors.PickledWeights, "INVALID_ARGUMENT", "safe_serialization=True"),
@@ -52,7 +52,7 @@ def bad_adapter(case: str, good: Path, tmp: Path, falcon: Path | None) -> Path:
         (d / check.CONFIG_FILE).write_text("{,")
         return d
     if case == "not_lora":
-        return _write_adapter(good, d, {"peft_type": "PREFIX_TUNING"})
+        return _write_adapter(good, d, {"peft_type": "LOHA"})
     if case == "truncated":
         return _write_adapter(good, d, weights=blob[: len(blob) // 2])
     if case == "huge_header":

@@ -66,6 +66,68 @@ def make_peft_adapter(base_dir: Path, out_dir: Path, *, arch: str, seed: int, ra
     return out_dir
 
 
+# IA3 on these, the feedforward ones (input-scaled) first; on Llama also up_proj, one of the
+# gate/up siblings whose base layers otherwise run as one fused call.
+IA3_TARGETS = {
+    "llama": (["up_proj", "down_proj"], ["k_proj", "v_proj"]),
+    "phi": (["fc2"], ["k_proj", "v_proj", "dense"]),
+    "falcon": (["dense_4h_to_h"], ["query_key_value"]),
+}
+
+
+def make_kind_adapter(base_dir: Path, out_dir: Path, *, arch: str, kind: str, seed: int,
+                      virtual_tokens: int = 5) -> Path:
+    """A PEFT adapter of `kind` (dora, ia3, prompt_tuning, prefix_tuning) with random,
+    non-identity weights, saved as PEFT saves it."""
+    import torch
+    from peft import IA3Config, LoraConfig, PrefixTuningConfig, PromptTuningConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    torch.manual_seed(seed)
+    if kind == "dora":
+        config = LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS[arch], init_lora_weights=False,
+                            use_dora=True, lora_dropout=0.0)
+    elif kind == "ia3":
+        ff, other = IA3_TARGETS[arch]
+        config = IA3Config(target_modules=ff + other, feedforward_modules=ff, init_ia3_weights=False)
+    elif kind == "prompt_tuning":
+        config = PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=virtual_tokens)
+    elif kind == "prefix_tuning":
+        config = PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=virtual_tokens)
+    else:
+        raise ValueError(kind)
+    peft_model = get_peft_model(model, config)
+    if kind == "dora":  # PEFT starts the magnitudes at ||W||, where DoRA is LoRA rescaled by 1: move them
+        with torch.no_grad():
+            for name, p in peft_model.named_parameters():
+                if "lora_magnitude_vector" in name:
+                    p.mul_(1 + 0.5 * torch.rand_like(p))
+    if kind == "ia3":  # PEFT's random init is N(0, 1): far from a trained IA3's ~1, and sign-flipping
+        with torch.no_grad():
+            for name, p in peft_model.named_parameters():
+                if "ia3_l" in name:
+                    p.copy_(1 + 0.3 * torch.randn_like(p))
+    peft_model.save_pretrained(out_dir, safe_serialization=True)
+    return out_dir
+
+
+@pytest.fixture(scope="session")
+def kind_adapter_factory(tmp_path_factory):
+    """kind_adapter_factory(base_dir, arch, kind, seed, **kw) -> an adapter directory (cached)."""
+    root = tmp_path_factory.mktemp("kind-adapters")
+    built: dict[tuple, Path] = {}
+
+    def make(base_dir: Path, arch: str, kind: str, seed: int = 0, **kw) -> Path:
+        key = (str(base_dir), arch, kind, seed, tuple(sorted(kw.items())))
+        if key not in built:
+            built[key] = make_kind_adapter(base_dir, root / f"{arch}-{kind}-{len(built)}", arch=arch, kind=kind,
+                                           seed=seed, **kw)
+        return built[key]
+
+    return make
+
+
 @pytest.fixture(scope="session")
 def adapter_factory(tmp_path_factory):
     """adapter_factory(base_dir, arch, seed, **kw) -> a PEFT adapter directory (cached)."""

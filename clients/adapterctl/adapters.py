@@ -57,9 +57,14 @@ def check_locally(directory: Path, rules: pb.PushRules | None = None) -> adapter
     if rules is None:
         return adapterd_rules.check_adapter(config_bytes, weights)
     shapes = {p: (s.in_features, s.out_features) for p, s in rules.linear_shapes.items()} or None
+    prompt = None
+    if rules.hidden_size:  # a server that says what prompt and prefix tuning must fit
+        prompt = adapterd_rules.PromptShape(rules.hidden_size, rules.num_layers, rules.kv_heads, rules.head_dim,
+                                            rules.prefix_tuning)
     return adapterd_rules.check_adapter(
-        config_bytes, weights, linear_shapes=shapes,
+        config_bytes, weights, linear_shapes=shapes, prompt_shape=prompt,
         max_rank=rules.max_rank or None, max_bytes=rules.max_adapter_bytes or None,
+        max_virtual_tokens=rules.max_virtual_tokens or None,
     )
 
 
@@ -188,7 +193,7 @@ def run_push(args: argparse.Namespace) -> int:
         print(_json(adapter))
     else:
         print(f"pushed {safe(adapter.ref)} (sha256 {safe(adapter.sha256[:12])}, {_size(adapter.size_bytes)}, "
-              f"rank {adapter.rank})")
+              f"{_kind(adapter)})")
     return 0
 
 
@@ -234,13 +239,13 @@ def run_delete(args: argparse.Namespace) -> int:
 
 # ---- output -------------------------------------------------------------------------------
 
-COLUMNS = ("NAME", "VERSION", "TENANT", "RANK", "SIZE", "WHERE", "REQUESTS", "SOURCE", "VISIBILITY", "CREATED",
+COLUMNS = ("NAME", "VERSION", "TENANT", "KIND", "RANK", "SIZE", "WHERE", "REQUESTS", "SOURCE", "VISIBILITY", "CREATED",
            "DESCRIPTION")
 
 
 def table(adapters: list[pb.Adapter]) -> str:
     rows = [COLUMNS] + [tuple(safe(cell) for cell in (
-        a.name, str(a.version), a.tenant, str(a.rank), _size(a.size_bytes),
+        a.name, str(a.version), a.tenant, a.kind or "lora", str(a.rank) if a.rank else "-", _size(a.size_bytes),
         _enum_name(pb.Residence, a.residence, "RESIDENCE_"), str(a.request_count),
         _enum_name(pb.Source, a.source, "SOURCE_") + (f" ({a.job_id})" if a.job_id else ""),
         _enum_name(pb.Visibility, a.visibility, "VISIBILITY_"),
@@ -258,6 +263,16 @@ def _enum_name(enum, value: int, prefix: str) -> str:
         return enum.Name(value).removeprefix(prefix).lower()
     except ValueError:
         return str(value)
+
+
+def _kind(a: pb.Adapter) -> str:
+    """"lora, rank 8"; "prompt_tuning, 20 virtual tokens"; "ia3"."""
+    kind = a.kind or "lora"  # a server from before other kinds were served
+    if a.rank:
+        return f"{kind}, rank {a.rank}"
+    if a.virtual_tokens:
+        return f"{kind}, {a.virtual_tokens} virtual tokens"
+    return kind
 
 
 def _size(n: int) -> str:

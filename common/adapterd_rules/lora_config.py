@@ -19,9 +19,9 @@ MAX_ABS_WEIGHT = 1e4  # |lora_A| and |scaling * lora_B|, element-wise
 MAX_DELTA = 1e4  # |scaling * (B @ A)| per weight, bounded by scaling * r * max|A| * max|B|
 
 # LoRA options that change the forward pass (or what is in the file) beyond plain
-# `base(x) + scale * B(A(x))`; serving them as plain LoRA would give wrong outputs.
+# `base(x) + scale * B(A(x))` (or DoRA's, use_dora); serving them as plain LoRA would give
+# wrong outputs.
 _UNSERVABLE_OPTIONS = {
-    "use_dora": "DoRA (use_dora) adds a magnitude vector; merge the adapter or retrain without DoRA",
     "lora_bias": "lora_bias adds a bias to lora_B; retrain with lora_bias=False",
     "use_qalora": "QALoRA (use_qalora) pools the input; retrain with plain LoRA",
     "layer_replication": "layer_replication changes the base model's layers",
@@ -50,6 +50,11 @@ class LoraSettings:
     target_modules: list[str] | str | None  # as written in the config
     base_model: str  # base_model_name_or_path, informational
     raw: dict = field(repr=False)
+    use_dora: bool = False  # DoRA: a magnitude vector per module rescales each output
+
+    @property
+    def kind(self) -> str:
+        return "dora" if self.use_dora else "lora"
 
     @property
     def scaling(self) -> float:
@@ -57,19 +62,20 @@ class LoraSettings:
         return self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
 
 
-def parse_config(config_bytes: bytes, *, max_rank: int | None = None) -> LoraSettings:
+def read_config(config_bytes: bytes) -> dict:
+    """adapter_config.json as a JSON object with a peft_type."""
     if len(config_bytes) > MAX_CONFIG_BYTES:
-        raise InvalidAdapter(f"{CONFIG_FILE} is {len(config_bytes)} bytes; a LoRA config is a few KiB")
+        raise InvalidAdapter(f"{CONFIG_FILE} is {len(config_bytes)} bytes; an adapter config is a few KiB")
     cfg = load_json(config_bytes, CONFIG_FILE, InvalidAdapter)
     if not isinstance(cfg, dict):
         raise InvalidAdapter(f"{CONFIG_FILE} must be a JSON object, got {type(cfg).__name__}")
-    peft_type = cfg.get("peft_type")
-    if peft_type is None:
+    if cfg.get("peft_type") is None:
         raise InvalidAdapter(f"{CONFIG_FILE} has no peft_type: not a PEFT adapter config")
-    if not isinstance(peft_type, str) or peft_type.upper() != "LORA":
-        raise UnsupportedAdapter(f"peft_type {quote(peft_type)} is not supported: only LORA adapters can be served")
-    if peft_type != "LORA":  # PEFT itself reads only "LORA" (PeftType is case-sensitive)
-        raise InvalidAdapter(f'{CONFIG_FILE}: peft_type must be "LORA", as PEFT writes it; got {quote(peft_type)}')
+    return cfg
+
+
+def parse_lora_config(cfg: dict, *, max_rank: int | None = None) -> LoraSettings:
+    """A LORA config (read_config's object): plain LoRA, rsLoRA or DoRA."""
     for option, why in _UNSERVABLE_OPTIONS.items():
         if cfg.get(option):
             raise UnsupportedAdapter(f"{CONFIG_FILE}: {why}")
@@ -92,8 +98,11 @@ def parse_config(config_bytes: bytes, *, max_rank: int | None = None) -> LoraSet
         isinstance(targets, str) or (isinstance(targets, list) and all(isinstance(t, str) for t in targets))
     ):
         raise InvalidAdapter(f"{CONFIG_FILE}: target_modules must be a list of names or a string, got {quote(targets)}")
+    dora = cfg.get("use_dora", False)
+    if not isinstance(dora, bool):
+        raise InvalidAdapter(f"{CONFIG_FILE}: use_dora must be true or false, got {quote(dora)}")
     base = cfg.get("base_model_name_or_path") or ""
-    settings = LoraSettings(r, float(alpha), rslora, targets, str(base), cfg)
+    settings = LoraSettings(r, float(alpha), rslora, targets, str(base), cfg, dora)
     check_scaling(settings.scaling, f"{CONFIG_FILE}: lora_alpha {alpha:g} with r={r}"
                   + (" (rsLoRA: lora_alpha / sqrt(r))" if rslora else " (lora_alpha / r)"))
     return settings

@@ -9,6 +9,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
+from adapterd_rules import PromptShape
+
 if TYPE_CHECKING:
     import torch
 
@@ -21,14 +23,18 @@ class ModelSpec:
     identity: str  # sha256 of config.json: two bases with the same shapes still differ
     # module path (as in the base model, e.g. "model.layers.0.self_attn.q_proj") -> (in, out)
     linear_shapes: dict[str, tuple[int, int]]
+    prompt_shape: PromptShape | None = None  # what prompt and prefix tuning must fit; None: not checked
 
 
 @dataclass
 class AdapterWeights:
-    """A checked LoRA adapter, ready to be copied into a slot.
+    """A checked adapter, ready to be copied into a slot; every tensor float32 on the CPU.
 
-    tensors: base module path -> (A (r, in), B (out, r)), float32 on the CPU.
-    The forward is base(x) + scaling * (x @ A.T) @ B.T.
+    kind "lora":  tensors: base module path -> (A (r, in), B (out, r));
+                  the forward is base(x) + scaling * (x @ A.T) @ B.T
+    kind "dora":  the same, and magnitudes: module path -> m (out,)
+    kind "ia3":   ia3: module path -> (vector, feedforward): x * l (feedforward) or base(x) * l
+    prompt kinds: virtual: (virtual tokens, width), PEFT's prompt_embeddings
     """
 
     name: str
@@ -40,6 +46,17 @@ class AdapterWeights:
     tensors: dict[str, tuple[torch.Tensor, torch.Tensor]]
     nbytes: int  # size of the files
     config: dict = field(repr=False)
+    kind: str = "lora"
+    magnitudes: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    ia3: dict[str, tuple[torch.Tensor, bool]] = field(default_factory=dict, repr=False)
+    virtual: torch.Tensor | None = field(default=None, repr=False)
+    # DoRA's per-module output scale m / ||W + scaling B A||, computed against the base's
+    # weights when the adapter is first put in a slot, and kept for the next time.
+    dora_scales: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    @property
+    def virtual_tokens(self) -> int:
+        return 0 if self.virtual is None else int(self.virtual.shape[0])
 
 
 # loader(spec, max_rank) -> AdapterWeights; runs in the cache's thread pool, never on the

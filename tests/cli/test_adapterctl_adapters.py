@@ -77,9 +77,9 @@ def test_list_show_delete(server, base, adapter_factory, capsys):
 
     assert _ctl(server, "list") == 0
     table = capsys.readouterr().out.splitlines()
-    assert table[0].split()[:6] == ["NAME", "VERSION", "TENANT", "RANK", "SIZE", "WHERE"]
+    assert table[0].split()[:7] == ["NAME", "VERSION", "TENANT", "KIND", "RANK", "SIZE", "WHERE"]
     row = next(line.split() for line in table if line.startswith("shown "))
-    assert row[:4] == ["shown", "2", "default", "4"] and "storage" in row
+    assert row[:5] == ["shown", "2", "default", "lora", "4"] and "storage" in row
 
     assert _ctl(server, "list", "--json", "--all-versions", "--name", "shown") == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
@@ -88,6 +88,7 @@ def test_list_show_delete(server, base, adapter_factory, capsys):
     assert _ctl(server, "show", "shown@1") == 0
     shown = dict(line.split(None, 1) for line in capsys.readouterr().out.splitlines())
     assert shown["ref"] == "default/shown@1" and shown["rank"] == "4" and "q_proj" in shown["target_modules"]
+    assert shown["kind"] == "lora"
 
     assert _ctl(server, "delete", "shown@2") == 0
     assert capsys.readouterr().out.strip() == "deleted default/shown@2"
@@ -98,7 +99,7 @@ def test_list_show_delete(server, base, adapter_factory, capsys):
 
 
 @pytest.mark.parametrize("case,exit_code,words", [
-    ("dora", 13, ["INVALID_ARGUMENT", "DoRA"]),
+    ("dora", 13, ["INVALID_ARGUMENT", "no DoRA magnitude vector"]),
     ("pickled", 13, ["INVALID_ARGUMENT", "safe_serialization=True"]),
     ("rank", 13, ["INVALID_ARGUMENT", "max rank 16"]),
     ("other_base", 19, ["FAILED_PRECONDITION", "another base model"]),

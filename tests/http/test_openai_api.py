@@ -113,6 +113,28 @@ def test_model_naming_an_adapter_gives_its_grpc_tokens(client, server):
     assert all(lp <= 0 for lp in got) and len(got) == 6
 
 
+def test_a_weighted_mix_gives_its_grpc_tokens(client, server):
+    from adapterd_api.v1 import inference_pb2 as pb
+
+    mix = [("a1", 0.7), ("a2", 0.3)]
+    grpc_mix = server.inference.Generate(pb.GenerateRequest(
+        prompt="the mix says", combination="cat", params=pb.GenerationParams(max_new_tokens=12, ignore_eos=True),
+        adapters=[pb.WeightedAdapter(adapter=a, weight=w) for a, w in mix]))
+    grpc_a1 = server.inference.Generate(request("the mix says", "a1", max_new_tokens=12, ignore_eos=True))
+    assert grpc_mix.text != grpc_a1.text and grpc_mix.adapter == "a1@1*0.7+a2@1*0.3"
+    body = {**FULL, "adapters": [{"adapter": a, "weight": w} for a, w in mix], "combination": "cat"}
+    out = client.completions.create(model="", prompt="the mix says", max_tokens=12, temperature=0, extra_body=body)
+    assert out.choices[0].text == grpc_mix.text and out.model == "a1@1*0.7+a2@1*0.3"
+    for bad, param in [({"adapters": [{"adapter": "a1", "weight": "x"}]}, "adapters"),
+                       ({"combination": "cat"}, "combination")]:
+        with pytest.raises(openai.BadRequestError) as e:
+            client.completions.create(model="", prompt="x", max_tokens=2, extra_body=bad)
+        assert e.value.body["param"] == param
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="a1", prompt="x", max_tokens=2, extra_body={"adapters": [{"adapter": "a2"}]})
+    assert "model must be the base model" in e.value.body["message"]
+
+
 def test_n_choices_with_a_seed_are_reproducible_and_differ(client):
     def ask():
         out = client.completions.create(model="a2", prompt="pick", max_tokens=8, temperature=1.0, n=3, seed=7,

@@ -168,11 +168,12 @@ def test_a_row_with_non_finite_logits_fails_alone(model_factory, adapter_factory
     """An adapter whose weights overflow (pushed past every check, say) gives NaN or inf
     logits: that request ends with an error while the rows beside it go on unchanged."""
     model, tokenizer, slots = _engine(model_factory, adapter_factory, "llama")
-    from types import SimpleNamespace
+    from adapterd.resolve import AdapterWeights
 
     huge = {name: (torch.full((4, layer.in_features), 1e30), torch.full((layer.out_features, 4), 1e30))
             for name, layer in slots.layers.items()}
-    slots.load(2, SimpleNamespace(tensors=huge, rank=4, scaling=1.0))
+    slots.load(2, AdapterWeights(name="huge", sha256="", rank=4, alpha=4.0, scaling=1.0, target_modules=[],
+                                 tensors=huge, nbytes=0, config={}))
     good = Request("good", _prompt(12, 1), GREEDY, 1)
     want = _run(_paged((model, tokenizer, slots)), {0: [good]})["good"]
     gen = _paged((model, tokenizer, slots))

@@ -227,14 +227,13 @@ def test_config_without_peft_type(llama):
 
 def test_not_lora(llama):
     spec, d = llama
-    _set_config(d, peft_type="IA3")
-    _raises(errors.UnsupportedAdapter, "'IA3' is not supported: only LORA", d, spec)
+    _set_config(d, peft_type="ADALORA")
+    _raises(errors.UnsupportedAdapter, "'ADALORA' is not supported: this server serves LORA", d, spec)
 
 
 @pytest.mark.parametrize(
     "option,value,match",
     [
-        ("use_dora", True, "DoRA"),
         ("bias", "all", "bias='all'"),
         ("bias", "lora_only", "bias='lora_only'"),
         ("modules_to_save", ["lm_head"], "modules_to_save"),
@@ -322,12 +321,12 @@ def test_embedding_lora_is_refused(llama):
     _raises(errors.UnknownTargetModule, "embeddings", d, spec)
 
 
-def test_dora_magnitude_tensor_is_refused(llama):
+def test_dora_magnitude_without_use_dora_is_refused(llama):
     spec, d = llama
     _edit_header(d, lambda h: h.__setitem__(
         "base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector",
         h.pop(_first_key(d))))
-    _raises(errors.UnsupportedAdapter, "DoRA magnitude", d, spec)
+    _raises(errors.InvalidAdapter, "does not set use_dora", d, spec)
 
 
 def test_non_lora_tensor_is_refused(llama):

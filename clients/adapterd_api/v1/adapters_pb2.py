@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x61\x64\x61pterd_api/v1/adapters.proto\x12\x0b\x61\x64\x61pterd.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"p\n\x12PushAdapterRequest\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x17.adapterd.v1.PushHeaderH\x00\x12\'\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x16.adapterd.v1.FileChunkH\x00\x42\x06\n\x04part\"\x82\x01\n\nPushHeader\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12+\n\nvisibility\x18\x03 \x01(\x0e\x32\x17.adapterd.v1.Visibility\x12$\n\x05\x66iles\x18\x04 \x03(\x0b\x32\x15.adapterd.v1.FileInfo\"6\n\x08\x46ileInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12\x0e\n\x06sha256\x18\x03 \x01(\t\"\x19\n\tFileChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\"9\n\x0b\x41\x64\x61pterFile\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12\x0e\n\x06sha256\x18\x03 \x01(\t\"\xea\x04\n\x07\x41\x64\x61pter\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\r\x12\x0b\n\x03ref\x18\x04 \x01(\t\x12\x0e\n\x06sha256\x18\x05 \x01(\t\x12\x12\n\nsize_bytes\x18\x06 \x01(\x04\x12\x0c\n\x04rank\x18\x07 \x01(\r\x12\r\n\x05\x61lpha\x18\x08 \x01(\x02\x12\x0f\n\x07scaling\x18\t \x01(\x02\x12\x16\n\x0etarget_modules\x18\n \x03(\t\x12\x12\n\nbase_model\x18\x0b \x01(\t\x12\x1b\n\x13\x62\x61se_model_identity\x18\x0c \x01(\t\x12\x12\n\ntrained_on\x18\r \x01(\t\x12.\n\ncreated_at\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0b\x64\x65scription\x18\x0f \x01(\t\x12+\n\nvisibility\x18\x10 \x01(\x0e\x32\x17.adapterd.v1.Visibility\x12#\n\x06source\x18\x11 \x01(\x0e\x32\x13.adapterd.v1.Source\x12\x0e\n\x06job_id\x18\x12 \x01(\t\x12\x32\n\x07metrics\x18\x13 \x03(\x0b\x32!.adapterd.v1.Adapter.MetricsEntry\x12\'\n\x05\x66iles\x18\x14 \x03(\x0b\x32\x18.adapterd.v1.AdapterFile\x12)\n\tresidence\x18\x15 \x01(\x0e\x32\x16.adapterd.v1.Residence\x12\x15\n\rrequest_count\x18\x16 \x01(\x04\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xd7\x01\n\x13ListAdaptersRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0bname_prefix\x18\x02 \x01(\t\x12\x0e\n\x06tenant\x18\x03 \x01(\t\x12#\n\x06source\x18\x04 \x01(\x0e\x32\x13.adapterd.v1.Source\x12+\n\nvisibility\x18\x05 \x01(\x0e\x32\x17.adapterd.v1.Visibility\x12\x14\n\x0c\x61ll_versions\x18\x06 \x01(\x08\x12\x11\n\tpage_size\x18\x07 \x01(\r\x12\x12\n\npage_token\x18\x08 \x01(\t\"W\n\x14ListAdaptersResponse\x12&\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x14.adapterd.v1.Adapter\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"$\n\x11GetAdapterRequest\x12\x0f\n\x07\x61\x64\x61pter\x18\x01 \x01(\t\"\'\n\x14\x44\x65leteAdapterRequest\x12\x0f\n\x07\x61\x64\x61pter\x18\x01 \x01(\t\">\n\x15\x44\x65leteAdapterResponse\x12%\n\x07\x64\x65leted\x18\x01 \x03(\x0b\x32\x14.adapterd.v1.Adapter\"\x15\n\x13GetPushRulesRequest\"8\n\x0bLinearShape\x12\x13\n\x0bin_features\x18\x01 \x01(\r\x12\x14\n\x0cout_features\x18\x02 \x01(\r\"\xf9\x01\n\tPushRules\x12\x12\n\nbase_model\x18\x01 \x01(\t\x12\x1b\n\x13\x62\x61se_model_identity\x18\x02 \x01(\t\x12\x10\n\x08max_rank\x18\x03 \x01(\r\x12\x19\n\x11max_adapter_bytes\x18\x04 \x01(\x04\x12?\n\rlinear_shapes\x18\x05 \x03(\x0b\x32(.adapterd.v1.PushRules.LinearShapesEntry\x1aM\n\x11LinearShapesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\'\n\x05value\x18\x02 \x01(\x0b\x32\x18.adapterd.v1.LinearShape:\x02\x38\x01*W\n\nVisibility\x12\x1a\n\x16VISIBILITY_UNSPECIFIED\x10\x00\x12\x16\n\x12VISIBILITY_PRIVATE\x10\x01\x12\x15\n\x11VISIBILITY_PUBLIC\x10\x02*G\n\x06Source\x12\x16\n\x12SOURCE_UNSPECIFIED\x10\x00\x12\x11\n\rSOURCE_PUSHED\x10\x01\x12\x12\n\x0eSOURCE_TRAINED\x10\x02*c\n\tResidence\x12\x19\n\x15RESIDENCE_UNSPECIFIED\x10\x00\x12\x15\n\x11RESIDENCE_STORAGE\x10\x01\x12\x11\n\rRESIDENCE_CPU\x10\x02\x12\x11\n\rRESIDENCE_GPU\x10\x03\x32\x8d\x03\n\x08\x41\x64\x61pters\x12\x46\n\x0bPushAdapter\x12\x1f.adapterd.v1.PushAdapterRequest\x1a\x14.adapterd.v1.Adapter(\x01\x12S\n\x0cListAdapters\x12 .adapterd.v1.ListAdaptersRequest\x1a!.adapterd.v1.ListAdaptersResponse\x12\x42\n\nGetAdapter\x12\x1e.adapterd.v1.GetAdapterRequest\x1a\x14.adapterd.v1.Adapter\x12V\n\rDeleteAdapter\x12!.adapterd.v1.DeleteAdapterRequest\x1a\".adapterd.v1.DeleteAdapterResponse\x12H\n\x0cGetPushRules\x12 .adapterd.v1.GetPushRulesRequest\x1a\x16.adapterd.v1.PushRulesb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x61\x64\x61pterd_api/v1/adapters.proto\x12\x0b\x61\x64\x61pterd.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"p\n\x12PushAdapterRequest\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x17.adapterd.v1.PushHeaderH\x00\x12\'\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x16.adapterd.v1.FileChunkH\x00\x42\x06\n\x04part\"\x82\x01\n\nPushHeader\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12+\n\nvisibility\x18\x03 \x01(\x0e\x32\x17.adapterd.v1.Visibility\x12$\n\x05\x66iles\x18\x04 \x03(\x0b\x32\x15.adapterd.v1.FileInfo\"6\n\x08\x46ileInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12\x0e\n\x06sha256\x18\x03 \x01(\t\"\x19\n\tFileChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\"9\n\x0b\x41\x64\x61pterFile\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12\x0e\n\x06sha256\x18\x03 \x01(\t\"\x90\x05\n\x07\x41\x64\x61pter\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\r\x12\x0b\n\x03ref\x18\x04 \x01(\t\x12\x0e\n\x06sha256\x18\x05 \x01(\t\x12\x12\n\nsize_bytes\x18\x06 \x01(\x04\x12\x0c\n\x04rank\x18\x07 \x01(\r\x12\r\n\x05\x61lpha\x18\x08 \x01(\x02\x12\x0f\n\x07scaling\x18\t \x01(\x02\x12\x16\n\x0etarget_modules\x18\n \x03(\t\x12\x12\n\nbase_model\x18\x0b \x01(\t\x12\x1b\n\x13\x62\x61se_model_identity\x18\x0c \x01(\t\x12\x12\n\ntrained_on\x18\r \x01(\t\x12.\n\ncreated_at\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0b\x64\x65scription\x18\x0f \x01(\t\x12+\n\nvisibility\x18\x10 \x01(\x0e\x32\x17.adapterd.v1.Visibility\x12#\n\x06source\x18\x11 \x01(\x0e\x32\x13.adapterd.v1.Source\x12\x0e\n\x06job_id\x18\x12 \x01(\t\x12\x32\n\x07metrics\x18\x13 \x03(\x0b\x32!.adapterd.v1.Adapter.MetricsEntry\x12\'\n\x05\x66iles\x18\x14 \x03(\x0b\x32\x18.adapterd.v1.AdapterFile\x12)\n\tresidence\x18\x15 \x01(\x0e\x32\x16.adapterd.v1.Residence\x12\x15\n\rrequest_count\x18\x16 \x01(\x04\x12\x0c\n\x04kind\x18\x17 \x01(\t\x12\x16\n\x0evirtual_tokens\x18\x18 \x01(\r\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xd7\x01\n\x13ListAdaptersRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0bname_prefix\x18\x02 \x01(\t\x12\x0e\n\x06tenant\x18\x03 \x01(\t\x12#\n\x06source\x18\x04 \x01(\x0e\x32\x13.adapterd.v1.Source\x12+\n\nvisibility\x18\x05 \x01(\x0e\x32\x17.adapterd.v1.Visibility\x12\x14\n\x0c\x61ll_versions\x18\x06 \x01(\x08\x12\x11\n\tpage_size\x18\x07 \x01(\r\x12\x12\n\npage_token\x18\x08 \x01(\t\"W\n\x14ListAdaptersResponse\x12&\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x14.adapterd.v1.Adapter\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"$\n\x11GetAdapterRequest\x12\x0f\n\x07\x61\x64\x61pter\x18\x01 \x01(\t\"\'\n\x14\x44\x65leteAdapterRequest\x12\x0f\n\x07\x61\x64\x61pter\x18\x01 \x01(\t\">\n\x15\x44\x65leteAdapterResponse\x12%\n\x07\x64\x65leted\x18\x01 \x03(\x0b\x32\x14.adapterd.v1.Adapter\"\x15\n\x13GetPushRulesRequest\"8\n\x0bLinearShape\x12\x13\n\x0bin_features\x18\x01 \x01(\r\x12\x14\n\x0cout_features\x18\x02 \x01(\r\"\xf9\x02\n\tPushRules\x12\x12\n\nbase_model\x18\x01 \x01(\t\x12\x1b\n\x13\x62\x61se_model_identity\x18\x02 \x01(\t\x12\x10\n\x08max_rank\x18\x03 \x01(\r\x12\x19\n\x11max_adapter_bytes\x18\x04 \x01(\x04\x12?\n\rlinear_shapes\x18\x05 \x03(\x0b\x32(.adapterd.v1.PushRules.LinearShapesEntry\x12\x13\n\x0bhidden_size\x18\x06 \x01(\r\x12\x12\n\nnum_layers\x18\x07 \x01(\r\x12\x10\n\x08kv_heads\x18\x08 \x01(\r\x12\x10\n\x08head_dim\x18\t \x01(\r\x12\x15\n\rprefix_tuning\x18\n \x01(\x08\x12\x1a\n\x12max_virtual_tokens\x18\x0b \x01(\r\x1aM\n\x11LinearShapesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\'\n\x05value\x18\x02 \x01(\x0b\x32\x18.adapterd.v1.LinearShape:\x02\x38\x01*W\n\nVisibility\x12\x1a\n\x16VISIBILITY_UNSPECIFIED\x10\x00\x12\x16\n\x12VISIBILITY_PRIVATE\x10\x01\x12\x15\n\x11VISIBILITY_PUBLIC\x10\x02*G\n\x06Source\x12\x16\n\x12SOURCE_UNSPECIFIED\x10\x00\x12\x11\n\rSOURCE_PUSHED\x10\x01\x12\x12\n\x0eSOURCE_TRAINED\x10\x02*c\n\tResidence\x12\x19\n\x15RESIDENCE_UNSPECIFIED\x10\x00\x12\x15\n\x11RESIDENCE_STORAGE\x10\x01\x12\x11\n\rRESIDENCE_CPU\x10\x02\x12\x11\n\rRESIDENCE_GPU\x10\x03\x32\x8d\x03\n\x08\x41\x64\x61pters\x12\x46\n\x0bPushAdapter\x12\x1f.adapterd.v1.PushAdapterRequest\x1a\x14.adapterd.v1.Adapter(\x01\x12S\n\x0cListAdapters\x12 .adapterd.v1.ListAdaptersRequest\x1a!.adapterd.v1.ListAdaptersResponse\x12\x42\n\nGetAdapter\x12\x1e.adapterd.v1.GetAdapterRequest\x1a\x14.adapterd.v1.Adapter\x12V\n\rDeleteAdapter\x12!.adapterd.v1.DeleteAdapterRequest\x1a\".adapterd.v1.DeleteAdapterResponse\x12H\n\x0cGetPushRules\x12 .adapterd.v1.GetPushRulesRequest\x1a\x16.adapterd.v1.PushRulesb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,12 +36,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ADAPTER_METRICSENTRY']._serialized_options = b'8\001'
   _globals['_PUSHRULES_LINEARSHAPESENTRY']._loaded_options = None
   _globals['_PUSHRULES_LINEARSHAPESENTRY']._serialized_options = b'8\001'
-  _globals['_VISIBILITY']._serialized_start=1873
-  _globals['_VISIBILITY']._serialized_end=1960
-  _globals['_SOURCE']._serialized_start=1962
-  _globals['_SOURCE']._serialized_end=2033
-  _globals['_RESIDENCE']._serialized_start=2035
-  _globals['_RESIDENCE']._serialized_end=2134
+  _globals['_VISIBILITY']._serialized_start=2039
+  _globals['_VISIBILITY']._serialized_end=2126
+  _globals['_SOURCE']._serialized_start=2128
+  _globals['_SOURCE']._serialized_end=2199
+  _globals['_RESIDENCE']._serialized_start=2201
+  _globals['_RESIDENCE']._serialized_end=2300
   _globals['_PUSHADAPTERREQUEST']._serialized_start=80
   _globals['_PUSHADAPTERREQUEST']._serialized_end=192
   _globals['_PUSHHEADER']._serialized_start=195
@@ -53,27 +53,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ADAPTERFILE']._serialized_start=410
   _globals['_ADAPTERFILE']._serialized_end=467
   _globals['_ADAPTER']._serialized_start=470
-  _globals['_ADAPTER']._serialized_end=1088
-  _globals['_ADAPTER_METRICSENTRY']._serialized_start=1042
-  _globals['_ADAPTER_METRICSENTRY']._serialized_end=1088
-  _globals['_LISTADAPTERSREQUEST']._serialized_start=1091
-  _globals['_LISTADAPTERSREQUEST']._serialized_end=1306
-  _globals['_LISTADAPTERSRESPONSE']._serialized_start=1308
-  _globals['_LISTADAPTERSRESPONSE']._serialized_end=1395
-  _globals['_GETADAPTERREQUEST']._serialized_start=1397
-  _globals['_GETADAPTERREQUEST']._serialized_end=1433
-  _globals['_DELETEADAPTERREQUEST']._serialized_start=1435
-  _globals['_DELETEADAPTERREQUEST']._serialized_end=1474
-  _globals['_DELETEADAPTERRESPONSE']._serialized_start=1476
-  _globals['_DELETEADAPTERRESPONSE']._serialized_end=1538
-  _globals['_GETPUSHRULESREQUEST']._serialized_start=1540
-  _globals['_GETPUSHRULESREQUEST']._serialized_end=1561
-  _globals['_LINEARSHAPE']._serialized_start=1563
-  _globals['_LINEARSHAPE']._serialized_end=1619
-  _globals['_PUSHRULES']._serialized_start=1622
-  _globals['_PUSHRULES']._serialized_end=1871
-  _globals['_PUSHRULES_LINEARSHAPESENTRY']._serialized_start=1794
-  _globals['_PUSHRULES_LINEARSHAPESENTRY']._serialized_end=1871
-  _globals['_ADAPTERS']._serialized_start=2137
-  _globals['_ADAPTERS']._serialized_end=2534
+  _globals['_ADAPTER']._serialized_end=1126
+  _globals['_ADAPTER_METRICSENTRY']._serialized_start=1080
+  _globals['_ADAPTER_METRICSENTRY']._serialized_end=1126
+  _globals['_LISTADAPTERSREQUEST']._serialized_start=1129
+  _globals['_LISTADAPTERSREQUEST']._serialized_end=1344
+  _globals['_LISTADAPTERSRESPONSE']._serialized_start=1346
+  _globals['_LISTADAPTERSRESPONSE']._serialized_end=1433
+  _globals['_GETADAPTERREQUEST']._serialized_start=1435
+  _globals['_GETADAPTERREQUEST']._serialized_end=1471
+  _globals['_DELETEADAPTERREQUEST']._serialized_start=1473
+  _globals['_DELETEADAPTERREQUEST']._serialized_end=1512
+  _globals['_DELETEADAPTERRESPONSE']._serialized_start=1514
+  _globals['_DELETEADAPTERRESPONSE']._serialized_end=1576
+  _globals['_GETPUSHRULESREQUEST']._serialized_start=1578
+  _globals['_GETPUSHRULESREQUEST']._serialized_end=1599
+  _globals['_LINEARSHAPE']._serialized_start=1601
+  _globals['_LINEARSHAPE']._serialized_end=1657
+  _globals['_PUSHRULES']._serialized_start=1660
+  _globals['_PUSHRULES']._serialized_end=2037
+  _globals['_PUSHRULES_LINEARSHAPESENTRY']._serialized_start=1960
+  _globals['_PUSHRULES_LINEARSHAPESENTRY']._serialized_end=2037
+  _globals['_ADAPTERS']._serialized_start=2303
+  _globals['_ADAPTERS']._serialized_end=2700
 # @@protoc_insertion_point(module_scope)

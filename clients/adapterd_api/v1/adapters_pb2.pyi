@@ -277,6 +277,8 @@ class Adapter(_message.Message):
     FILES_FIELD_NUMBER: _builtins.int
     RESIDENCE_FIELD_NUMBER: _builtins.int
     REQUEST_COUNT_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    VIRTUAL_TOKENS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     tenant: _builtins.str
     version: _builtins.int
@@ -303,6 +305,12 @@ class Adapter(_message.Message):
     have asked for this version since the server started.
     """
     request_count: _builtins.int
+    kind: _builtins.str
+    """What kind of adapter: "lora", "dora", "ia3", "prompt_tuning" or "prefix_tuning".
+    rank, alpha and scaling are 0 for the kinds without a LoRA rank.
+    """
+    virtual_tokens: _builtins.int
+    """Prompt and prefix tuning: the virtual tokens put before every prompt (0 otherwise)."""
     @_builtins.property
     def target_modules(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Leaf names of the modules it adapts, e.g. q_proj, v_proj."""
@@ -340,10 +348,12 @@ class Adapter(_message.Message):
         files: _abc.Iterable[Global___AdapterFile] | None = ...,
         residence: Global___Residence.ValueType = ...,
         request_count: _builtins.int = ...,
+        kind: _builtins.str = ...,
+        virtual_tokens: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["alpha", b"alpha", "base_model", b"base_model", "base_model_identity", b"base_model_identity", "created_at", b"created_at", "description", b"description", "files", b"files", "job_id", b"job_id", "metrics", b"metrics", "name", b"name", "rank", b"rank", "ref", b"ref", "request_count", b"request_count", "residence", b"residence", "scaling", b"scaling", "sha256", b"sha256", "size_bytes", b"size_bytes", "source", b"source", "target_modules", b"target_modules", "tenant", b"tenant", "trained_on", b"trained_on", "version", b"version", "visibility", b"visibility"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alpha", b"alpha", "base_model", b"base_model", "base_model_identity", b"base_model_identity", "created_at", b"created_at", "description", b"description", "files", b"files", "job_id", b"job_id", "kind", b"kind", "metrics", b"metrics", "name", b"name", "rank", b"rank", "ref", b"ref", "request_count", b"request_count", "residence", b"residence", "scaling", b"scaling", "sha256", b"sha256", "size_bytes", b"size_bytes", "source", b"source", "target_modules", b"target_modules", "tenant", b"tenant", "trained_on", b"trained_on", "version", b"version", "virtual_tokens", b"virtual_tokens", "visibility", b"visibility"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -546,10 +556,26 @@ class PushRules(_message.Message):
     MAX_RANK_FIELD_NUMBER: _builtins.int
     MAX_ADAPTER_BYTES_FIELD_NUMBER: _builtins.int
     LINEAR_SHAPES_FIELD_NUMBER: _builtins.int
+    HIDDEN_SIZE_FIELD_NUMBER: _builtins.int
+    NUM_LAYERS_FIELD_NUMBER: _builtins.int
+    KV_HEADS_FIELD_NUMBER: _builtins.int
+    HEAD_DIM_FIELD_NUMBER: _builtins.int
+    PREFIX_TUNING_FIELD_NUMBER: _builtins.int
+    MAX_VIRTUAL_TOKENS_FIELD_NUMBER: _builtins.int
     base_model: _builtins.str
     base_model_identity: _builtins.str
     max_rank: _builtins.int
     max_adapter_bytes: _builtins.int
+    hidden_size: _builtins.int
+    """What prompt and prefix tuning adapters must fit (0 where unknown): the base model's
+    hidden size, layers, key/value heads and head size; whether prefix tuning is served
+    (it needs the paged engine); the most virtual tokens an adapter may have.
+    """
+    num_layers: _builtins.int
+    kv_heads: _builtins.int
+    head_dim: _builtins.int
+    prefix_tuning: _builtins.bool
+    max_virtual_tokens: _builtins.int
     @_builtins.property
     def linear_shapes(self) -> _containers.MessageMap[_builtins.str, Global___LinearShape]:
         """Module path (e.g. "model.layers.0.self_attn.q_proj") -> its shape: the layers an
@@ -564,10 +590,16 @@ class PushRules(_message.Message):
         max_rank: _builtins.int = ...,
         max_adapter_bytes: _builtins.int = ...,
         linear_shapes: _abc.Mapping[_builtins.str, Global___LinearShape] | None = ...,
+        hidden_size: _builtins.int = ...,
+        num_layers: _builtins.int = ...,
+        kv_heads: _builtins.int = ...,
+        head_dim: _builtins.int = ...,
+        prefix_tuning: _builtins.bool = ...,
+        max_virtual_tokens: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_model", b"base_model", "base_model_identity", b"base_model_identity", "linear_shapes", b"linear_shapes", "max_adapter_bytes", b"max_adapter_bytes", "max_rank", b"max_rank"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_model", b"base_model", "base_model_identity", b"base_model_identity", "head_dim", b"head_dim", "hidden_size", b"hidden_size", "kv_heads", b"kv_heads", "linear_shapes", b"linear_shapes", "max_adapter_bytes", b"max_adapter_bytes", "max_rank", b"max_rank", "max_virtual_tokens", b"max_virtual_tokens", "num_layers", b"num_layers", "prefix_tuning", b"prefix_tuning"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -24,31 +24,33 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x61\x64\x61pterd_api/v1/inference.proto\x12\x0b\x61\x64\x61pterd.v1\"\x8d\x01\n\x0fGenerateRequest\x12\x0f\n\x07\x61\x64\x61pter\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12-\n\x06params\x18\x03 \x01(\x0b\x32\x1d.adapterd.v1.GenerationParams\x12*\n\x08messages\x18\x04 \x03(\x0b\x32\x18.adapterd.v1.ChatMessage\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xf5\x02\n\x10GenerationParams\x12\x16\n\x0emax_new_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\x1f\n\x12repetition_penalty\x18\x05 \x01(\x02H\x01\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x02\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x10\n\x08logprobs\x18\x08 \x01(\x08\x12\x12\n\nignore_eos\x18\t \x01(\x08\x12\x34\n\x0fresponse_format\x18\n \x01(\x0b\x32\x1b.adapterd.v1.ResponseFormat\x12\x18\n\x10presence_penalty\x18\x0b \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x0c \x01(\x02\x12\x14\n\x0ctop_logprobs\x18\r \x01(\rB\x08\n\x06_top_pB\x15\n\x13_repetition_penaltyB\x07\n\x05_seed\"2\n\x0bTopLogprobs\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x10\n\x08logprobs\x18\x02 \x03(\x02\"\x98\x01\n\x0eResponseFormat\x12.\n\x04type\x18\x01 \x01(\x0e\x32 .adapterd.v1.ResponseFormat.Type\x12\x13\n\x0bjson_schema\x18\x02 \x01(\t\"A\n\x04Type\x12\r\n\tTYPE_TEXT\x10\x00\x12\x14\n\x10TYPE_JSON_OBJECT\x10\x01\x12\x14\n\x10TYPE_JSON_SCHEMA\x10\x02\"\xea\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x10\n\x08logprobs\x18\x03 \x03(\x02\x12\x30\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x19.adapterd.v1.FinishReason\x12\x15\n\rprompt_tokens\x18\x05 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x06 \x01(\r\x12\x0f\n\x07\x61\x64\x61pter\x18\x07 \x01(\t\x12.\n\x0ctop_logprobs\x18\x08 \x03(\x0b\x32\x18.adapterd.v1.TopLogprobs\"\xf0\x01\n\x16GenerateStreamResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x10\n\x08logprobs\x18\x03 \x03(\x02\x12\x30\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x19.adapterd.v1.FinishReason\x12\x15\n\rprompt_tokens\x18\x05 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x06 \x01(\r\x12\x0f\n\x07\x61\x64\x61pter\x18\x07 \x01(\t\x12.\n\x0ctop_logprobs\x18\x08 \x03(\x0b\x32\x18.adapterd.v1.TopLogprobs*L\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\n\n\x06LENGTH\x10\x01\x12\x08\n\x04STOP\x10\x02\x12\x07\n\x03\x45OS\x10\x03\x32\xab\x01\n\tInference\x12G\n\x08Generate\x12\x1c.adapterd.v1.GenerateRequest\x1a\x1d.adapterd.v1.GenerateResponse\x12U\n\x0eGenerateStream\x12\x1c.adapterd.v1.GenerateRequest\x1a#.adapterd.v1.GenerateStreamResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x61\x64\x61pterd_api/v1/inference.proto\x12\x0b\x61\x64\x61pterd.v1\"\xd2\x01\n\x0fGenerateRequest\x12\x0f\n\x07\x61\x64\x61pter\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12-\n\x06params\x18\x03 \x01(\x0b\x32\x1d.adapterd.v1.GenerationParams\x12*\n\x08messages\x18\x04 \x03(\x0b\x32\x18.adapterd.v1.ChatMessage\x12.\n\x08\x61\x64\x61pters\x18\x05 \x03(\x0b\x32\x1c.adapterd.v1.WeightedAdapter\x12\x13\n\x0b\x63ombination\x18\x06 \x01(\t\"2\n\x0fWeightedAdapter\x12\x0f\n\x07\x61\x64\x61pter\x18\x01 \x01(\t\x12\x0e\n\x06weight\x18\x02 \x01(\x02\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xf5\x02\n\x10GenerationParams\x12\x16\n\x0emax_new_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\x1f\n\x12repetition_penalty\x18\x05 \x01(\x02H\x01\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x02\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x10\n\x08logprobs\x18\x08 \x01(\x08\x12\x12\n\nignore_eos\x18\t \x01(\x08\x12\x34\n\x0fresponse_format\x18\n \x01(\x0b\x32\x1b.adapterd.v1.ResponseFormat\x12\x18\n\x10presence_penalty\x18\x0b \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x0c \x01(\x02\x12\x14\n\x0ctop_logprobs\x18\r \x01(\rB\x08\n\x06_top_pB\x15\n\x13_repetition_penaltyB\x07\n\x05_seed\"2\n\x0bTopLogprobs\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x10\n\x08logprobs\x18\x02 \x03(\x02\"\x98\x01\n\x0eResponseFormat\x12.\n\x04type\x18\x01 \x01(\x0e\x32 .adapterd.v1.ResponseFormat.Type\x12\x13\n\x0bjson_schema\x18\x02 \x01(\t\"A\n\x04Type\x12\r\n\tTYPE_TEXT\x10\x00\x12\x14\n\x10TYPE_JSON_OBJECT\x10\x01\x12\x14\n\x10TYPE_JSON_SCHEMA\x10\x02\"\xea\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x10\n\x08logprobs\x18\x03 \x03(\x02\x12\x30\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x19.adapterd.v1.FinishReason\x12\x15\n\rprompt_tokens\x18\x05 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x06 \x01(\r\x12\x0f\n\x07\x61\x64\x61pter\x18\x07 \x01(\t\x12.\n\x0ctop_logprobs\x18\x08 \x03(\x0b\x32\x18.adapterd.v1.TopLogprobs\"\xf0\x01\n\x16GenerateStreamResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x10\n\x08logprobs\x18\x03 \x03(\x02\x12\x30\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x19.adapterd.v1.FinishReason\x12\x15\n\rprompt_tokens\x18\x05 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x06 \x01(\r\x12\x0f\n\x07\x61\x64\x61pter\x18\x07 \x01(\t\x12.\n\x0ctop_logprobs\x18\x08 \x03(\x0b\x32\x18.adapterd.v1.TopLogprobs*L\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\n\n\x06LENGTH\x10\x01\x12\x08\n\x04STOP\x10\x02\x12\x07\n\x03\x45OS\x10\x03\x32\xab\x01\n\tInference\x12G\n\x08Generate\x12\x1c.adapterd.v1.GenerateRequest\x1a\x1d.adapterd.v1.GenerateResponse\x12U\n\x0eGenerateStream\x12\x1c.adapterd.v1.GenerateRequest\x1a#.adapterd.v1.GenerateStreamResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'adapterd_api.v1.inference_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=1301
-  _globals['_FINISHREASON']._serialized_end=1377
+  _globals['_FINISHREASON']._serialized_start=1422
+  _globals['_FINISHREASON']._serialized_end=1498
   _globals['_GENERATEREQUEST']._serialized_start=49
-  _globals['_GENERATEREQUEST']._serialized_end=190
-  _globals['_CHATMESSAGE']._serialized_start=192
-  _globals['_CHATMESSAGE']._serialized_end=236
-  _globals['_GENERATIONPARAMS']._serialized_start=239
-  _globals['_GENERATIONPARAMS']._serialized_end=612
-  _globals['_TOPLOGPROBS']._serialized_start=614
-  _globals['_TOPLOGPROBS']._serialized_end=664
-  _globals['_RESPONSEFORMAT']._serialized_start=667
-  _globals['_RESPONSEFORMAT']._serialized_end=819
-  _globals['_RESPONSEFORMAT_TYPE']._serialized_start=754
-  _globals['_RESPONSEFORMAT_TYPE']._serialized_end=819
-  _globals['_GENERATERESPONSE']._serialized_start=822
-  _globals['_GENERATERESPONSE']._serialized_end=1056
-  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1059
-  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1299
-  _globals['_INFERENCE']._serialized_start=1380
-  _globals['_INFERENCE']._serialized_end=1551
+  _globals['_GENERATEREQUEST']._serialized_end=259
+  _globals['_WEIGHTEDADAPTER']._serialized_start=261
+  _globals['_WEIGHTEDADAPTER']._serialized_end=311
+  _globals['_CHATMESSAGE']._serialized_start=313
+  _globals['_CHATMESSAGE']._serialized_end=357
+  _globals['_GENERATIONPARAMS']._serialized_start=360
+  _globals['_GENERATIONPARAMS']._serialized_end=733
+  _globals['_TOPLOGPROBS']._serialized_start=735
+  _globals['_TOPLOGPROBS']._serialized_end=785
+  _globals['_RESPONSEFORMAT']._serialized_start=788
+  _globals['_RESPONSEFORMAT']._serialized_end=940
+  _globals['_RESPONSEFORMAT_TYPE']._serialized_start=875
+  _globals['_RESPONSEFORMAT_TYPE']._serialized_end=940
+  _globals['_GENERATERESPONSE']._serialized_start=943
+  _globals['_GENERATERESPONSE']._serialized_end=1177
+  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1180
+  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1420
+  _globals['_INFERENCE']._serialized_start=1501
+  _globals['_INFERENCE']._serialized_end=1672
 # @@protoc_insertion_point(module_scope)

@@ -58,11 +58,19 @@ class GenerateRequest(_message.Message):
     PROMPT_FIELD_NUMBER: _builtins.int
     PARAMS_FIELD_NUMBER: _builtins.int
     MESSAGES_FIELD_NUMBER: _builtins.int
+    ADAPTERS_FIELD_NUMBER: _builtins.int
+    COMBINATION_FIELD_NUMBER: _builtins.int
     adapter: _builtins.str
     """"" = the base model; "name", "name@3", "tenant/name@3"."""
     prompt: _builtins.str
     """The prompt text, tokenized by the base model's tokenizer. Set exactly one of prompt
     and messages: both, or neither, is INVALID_ARGUMENT.
+    """
+    combination: _builtins.str
+    """How `adapters` are mixed (as PEFT's add_weighted_adapter): "linear" (the default; equal
+    ranks; A and B are each summed with weights sqrt(w * scaling), so weights 1/0 give the
+    first adapter) or "cat" (exactly the weighted sum of the adapters' deltas; rank is the
+    sum of the ranks, at most the server's --max-rank).
     """
     @_builtins.property
     def params(self) -> Global___GenerationParams: ...
@@ -74,6 +82,13 @@ class GenerateRequest(_message.Message):
         model without a chat template.
         """
 
+    @_builtins.property
+    def adapters(self) -> _containers.RepeatedCompositeFieldContainer[Global___WeightedAdapter]:
+        """Several LoRA adapters mixed on this request, instead of `adapter` (setting both is
+        INVALID_ARGUMENT): 1 to 8 references with weights. Only kind "lora" adapters mix; a
+        DoRA, IA3, prompt- or prefix-tuning adapter in a mix is INVALID_ARGUMENT.
+        """
+
     def __init__(
         self,
         *,
@@ -81,14 +96,38 @@ class GenerateRequest(_message.Message):
         prompt: _builtins.str = ...,
         params: Global___GenerationParams | None = ...,
         messages: _abc.Iterable[Global___ChatMessage] | None = ...,
+        adapters: _abc.Iterable[Global___WeightedAdapter] | None = ...,
+        combination: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["params", b"params"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter", b"adapter", "messages", b"messages", "params", b"params", "prompt", b"prompt"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter", b"adapter", "adapters", b"adapters", "combination", b"combination", "messages", b"messages", "params", b"params", "prompt", b"prompt"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GenerateRequest: _TypeAlias = GenerateRequest  # noqa: Y015
+
+@_typing.final
+class WeightedAdapter(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ADAPTER_FIELD_NUMBER: _builtins.int
+    WEIGHT_FIELD_NUMBER: _builtins.int
+    adapter: _builtins.str
+    weight: _builtins.float
+    def __init__(
+        self,
+        *,
+        adapter: _builtins.str = ...,
+        weight: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter", b"adapter", "weight", b"weight"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WeightedAdapter: _TypeAlias = WeightedAdapter  # noqa: Y015
 
 @_typing.final
 class ChatMessage(_message.Message):

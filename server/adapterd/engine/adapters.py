@@ -37,7 +37,9 @@ log = logging.getLogger(__name__)
 
 
 def weights_nbytes(weights: AdapterWeights) -> int:
-    return sum(a.nbytes + b.nbytes for a, b in weights.tensors.values())
+    n = sum(a.nbytes + b.nbytes for a, b in weights.tensors.values())
+    n += sum(m.nbytes for m in weights.magnitudes.values()) + sum(v.nbytes for v, _ in weights.ia3.values())
+    return n + (weights.virtual.nbytes if weights.virtual is not None else 0)
 
 
 @dataclass
@@ -97,6 +99,15 @@ class AdapterCache:
             del self._failed[key]
             return None
         return f.error
+
+    def virtual_tokens(self, key: str) -> int:
+        """The prompt- or prefix-tuning tokens the adapter puts before every prompt (0: none,
+        or not known yet)."""
+        slot = self._resident.get(key)
+        if slot is not None:
+            return self.slots.virtual_tokens(slot)
+        entry = self._cpu.get(key)
+        return entry[0].virtual_tokens if entry is not None else 0
 
     def can_activate(self) -> bool:
         return bool(self._free) or any(self._pins[k] == 0 for k in self._resident)

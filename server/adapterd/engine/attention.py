@@ -24,6 +24,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from adapterd.engine.prompts import PrefixKV
+
 ATTN_IMPLEMENTATION = "adapterd_paged"
 STEP_KWARG = "adapterd_step"  # the forward kwarg that carries a StepAttention to every layer
 
@@ -52,6 +54,7 @@ class StepAttention:
     max_context: int
     chunks: list[Chunk]
     kernel: object | None = None  # native.load().paged_decode, when it applies to this pool
+    prefix: PrefixKV | None = None  # prefix-tuning rows' placeholders: their keys and values
     _decode_slots: tuple[torch.Tensor, torch.Tensor] | None = None  # torch path, built once per step
 
     def decode_gather(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -84,6 +87,8 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, dro
     k_pool, v_pool = step.k_pool[layer], step.v_pool[layer]  # (slots, Hkv, D)
     q = query[0].transpose(0, 1)  # (T, H, D)
     k, v = key[0].transpose(0, 1), value[0].transpose(0, 1)  # (T, Hkv, D)
+    if step.prefix is not None:
+        step.prefix.apply(layer, k, v)
     k_pool.index_copy_(0, step.slot_mapping, k.to(k_pool.dtype))
     v_pool.index_copy_(0, step.slot_mapping, v.to(v_pool.dtype))
     t, h, d = q.shape

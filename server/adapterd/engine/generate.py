@@ -10,11 +10,13 @@ One thread owns a Generator (the engine loop); nothing here is thread-safe.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from dataclasses import dataclass
 
 import torch
 
+from adapterd.engine import prompts
 from adapterd.engine.batch import KVBatch
 from adapterd.engine.lora import LoraSlots
 from adapterd.engine.sampling import RowSampler, SamplingParams, choose_tokens
@@ -65,6 +67,8 @@ class Generator:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.rows: list[_Row] = []
         self.kv: KVBatch | None = None
+        if slots.prompt_shape is not None:  # per-layer prefixes need the paged engine's cache
+            slots.prompt_shape = dataclasses.replace(slots.prompt_shape, prefix_tuning=False)
         self._keep_kw = (
             {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
         )
@@ -83,15 +87,20 @@ class Generator:
         if not requests:
             return []
         group = sorted(requests, key=lambda r: r.slot)
-        ids, mask = self._left_pad([r.prompt_ids for r in group])  # (G, L), (G, L)
+        tokens = [prompts.placeholders(self.slots.virtual_tokens(r.slot)) + list(r.prompt_ids) for r in group]
+        ids, mask = self._left_pad(tokens)  # (G, L), (G, L)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (G, L)
         self.slots.set_batch([r.slot for r in group], transient=True)
+        inputs = {"input_ids": ids}
+        if any(prompts.has_placeholders(t) for t in tokens):  # prompt tuning: the virtual tokens' embeddings
+            slots = [[r.slot] * ids.shape[1] for r in group]
+            inputs = {"inputs_embeds": prompts.inputs_embeds(self.model, ids, slots, self.slots.virtual)}
         out = self.model(
-            input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **self._keep_kw
+            **inputs, attention_mask=mask, position_ids=positions, use_cache=True, **self._keep_kw
         )
         rows = [
-            _Row(r, RowSampler(r.params, r.prompt_ids, self.device), TextStream(self.tokenizer, r.params.stop), len(r.prompt_ids) - 1)
-            for r in group
+            _Row(r, RowSampler(r.params, r.prompt_ids, self.device), TextStream(self.tokenizer, r.params.stop), len(t) - 1)
+            for r, t in zip(group, tokens, strict=True)
         ]
         events = self._choose(out.logits[:, -1], rows)  # logits (G, V)
         group_kv = KVBatch(out.past_key_values, mask)
@@ -177,11 +186,11 @@ class Generator:
         self.kv.select(torch.tensor(keep, device=self.device))
         self.rows = [self.rows[i] for i in keep]
 
-    def _left_pad(self, prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        length = max(len(p) for p in prompts)
-        ids = torch.full((len(prompts), length), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(prompts), length), dtype=torch.long)
-        for i, p in enumerate(prompts):
+    def _left_pad(self, sequences: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        length = max(len(p) for p in sequences)
+        ids = torch.full((len(sequences), length), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(sequences), length), dtype=torch.long)
+        for i, p in enumerate(sequences):
             ids[i, length - len(p) :] = torch.tensor(p, dtype=torch.long)
             mask[i, length - len(p) :] = 1
         return ids.to(self.device), mask.to(self.device)

@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 
 from adapterd import errors
 from adapterd.config import CacheConfig, EngineConfig, SchedulerConfig
-from adapterd.engine import attention, chat, limits, nf4cpu
+from adapterd.engine import attention, chat, limits, mixing, nf4cpu
 from adapterd.engine.adapters import AdapterCache
 from adapterd.engine.chat import Message
 from adapterd.engine.generate import Generator, Request, TokenEvent
@@ -195,6 +195,8 @@ class EngineLoop:
         args: GenerateArgs,
         deadline: float | None = None,
         on_start: Callable[[], None] | None = None,
+        mix: list[tuple[str, float]] = (),
+        combination: str = "linear",
     ) -> Generation:
         """Validate and queue a request; raises a typed error at once when it cannot be
         served. Exactly one of `prompt` and `messages` (rendered with the base model's chat
@@ -215,7 +217,7 @@ class EngineLoop:
             prompt_tokens=len(prompt_ids), limits=self.config, **kw,
             grammar=self.grammars.compile(fmt) if fmt is not None else None,
         )
-        resolved = self.resolver.resolve(tenant, adapter) if adapter else None
+        resolved = self._resolve(tenant, adapter, list(mix), combination)
         queue: asyncio.Queue = asyncio.Queue()
         sub = Submission(
             id=uuid.uuid4().hex,
@@ -241,6 +243,16 @@ class EngineLoop:
             self._kick = True
             self._cv.notify()
         return Generation(self, sub, queue)
+
+    def _resolve(self, tenant: str, adapter: str, mix: list[tuple[str, float]], combination: str):
+        """The request's adapter: one reference, a weighted mix (mixing.py), or none (the base)."""
+        if not mix:
+            return self.resolver.resolve(tenant, adapter) if adapter else None
+        if adapter:
+            raise errors.InvalidArgument("set adapter or adapters (a mix), not both")
+        mixing.check_mix(mix, combination)
+        parts = [mixing.MixPart(self.resolver.resolve(tenant, ref), weight) for ref, weight in mix]
+        return mixing.resolved_mix(parts, combination)
 
     def forget_adapter(self, key: str) -> None:
         """An adapter version was deleted or replaced: drop its cached prefix blocks (any
@@ -348,7 +360,8 @@ class EngineLoop:
         promised = [0]
 
         def fits(sub: Submission) -> bool:
-            need = gen.blocks_needed(len(sub.prompt_ids), sub.params.max_new_tokens)
+            virtual = self.cache.virtual_tokens(sub.key) if sub.key is not None else 0
+            need = gen.blocks_needed(len(sub.prompt_ids) + virtual, sub.params.max_new_tokens)
             if need + promised[0] > gen.blocks.available:
                 return False
             promised[0] += need

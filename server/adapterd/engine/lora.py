@@ -27,6 +27,17 @@ Two ways to apply the delta, chosen per batch (both checked against `reference_f
   group's plan is `transient`: gathered apart, it leaves the running batch's buffers alone.
 - segments: rows are sorted by slot; per contiguous segment of one adapter, two matmuls.
   Used when the gathered stacks would exceed a memory budget (large models, large batches).
+
+The other kinds ride on the same slots. IA3 and DoRA are per-slot vectors, applied per row
+(or token) only in batches that hold such a slot, made when the first one is loaded:
+
+    x' = x * in_scale[slot]                     IA3 on a feedforward module (ones elsewhere)
+    y  = base(x') + delta                       the LoRA delta above (DoRA's too)
+    y' = y * out_scale[slot] + out_shift[slot]  IA3 on the other modules: out_scale = l;
+                                                DoRA: g = m / ||W + scale B A||, y' = g (y - b) + b,
+                                                so out_scale = g, out_shift = (1 - g) b
+
+Prompt and prefix tuning live in the slot table too (`LoraSlots.virtual`, prompts.py).
 """
 
 from __future__ import annotations
@@ -38,6 +49,8 @@ from torch import nn
 
 from adapterd.engine import native
 from adapterd.engine.nf4cpu import FusedKernel, PackedKernel
+from adapterd.engine.prompts import Virtual
+from adapterd.engine.variants import dora_scale
 from adapterd.errors import UnknownTargetModule
 
 # Module names the batched layer wraps: Llama/Mistral/Qwen, Phi, Falcon, GPT-NeoX style.
@@ -176,13 +189,16 @@ class KernelRun:
 
 
 class BatchedLoraLinear(nn.Module):
-    """Wraps one base linear (nn.Linear or bitsandbytes Linear4bit) with S LoRA slots."""
+    """Wraps one base linear (nn.Linear, bitsandbytes Linear4bit or Linear8bitLt) with S LoRA
+    slots. `model_dtype`: the compute dtype where the base does not tell it (Linear8bitLt's
+    weights are int8; it computes in its input's dtype, the rest of the model's)."""
 
-    def __init__(self, base: nn.Module, num_slots: int, max_rank: int, stack_dtype: torch.dtype | None = None):
+    def __init__(self, base: nn.Module, num_slots: int, max_rank: int, stack_dtype: torch.dtype | None = None,
+                 model_dtype: torch.dtype = torch.float32):
         super().__init__()
         self.base = base
         self.in_features, self.out_features = base.in_features, base.out_features
-        self.compute_dtype, device = _compute_dtype(base), _device(base)
+        self.compute_dtype, device = _compute_dtype(base, model_dtype), _device(base)
         dtype = stack_dtype or self.compute_dtype
         # A and (scale * B)^T per slot: (S, r_max, in) and (S, r_max, out)
         self.register_buffer("lora_a", torch.zeros(num_slots, max_rank, self.in_features, dtype=dtype, device=device), persistent=False)
@@ -207,6 +223,53 @@ class BatchedLoraLinear(nn.Module):
         self.flat_plan: FlatPlan | None = None  # the run _flat was planned for
         self._cat_key: tuple | None = None
         self._cat: tuple[torch.Tensor, torch.Tensor] | None = None
+        # IA3 and DoRA (see the module's docstring): per-slot stacks, None until a slot needs
+        # one, and which slots use each; this batch's values per token or row, or None.
+        self.in_scale: torch.Tensor | None = None  # (S, in)
+        self.out_scale: torch.Tensor | None = None  # (S, out)
+        self.out_shift: torch.Tensor | None = None  # (S, out)
+        self._scales_in: set[int] = set()
+        self._scales_out: set[int] = set()
+        self._shifts: set[int] = set()
+        self._in_mul: torch.Tensor | None = None
+        self._out_mul: torch.Tensor | None = None
+        self._out_add: torch.Tensor | None = None
+
+    def set_scales(self, slot: int, *, inputs: torch.Tensor | None = None, outputs: torch.Tensor | None = None,
+                   shift: torch.Tensor | None = None) -> None:
+        """`slot`'s input scale (in,), output scale (out,) and output shift (out,); None: none."""
+        self._flat = self.flat_plan = None
+        self._plan = None
+        for attr, members, value, dim, fill in (
+            ("in_scale", self._scales_in, inputs, self.in_features, 1.0),
+            ("out_scale", self._scales_out, outputs, self.out_features, 1.0),
+            ("out_shift", self._shifts, shift, self.out_features, 0.0),
+        ):
+            stack = getattr(self, attr)
+            if value is None:
+                members.discard(slot)
+                if stack is not None:
+                    stack[slot].fill_(fill)
+                continue
+            if stack is None:
+                stack = torch.full((len(self.scaling), dim), fill, dtype=self.compute_dtype, device=self.lora_a.device)
+                setattr(self, attr, stack)
+            stack[slot].copy_(value)
+            members.add(slot)
+
+    def _plan_scales(self, slots, index: torch.Tensor, rows: bool) -> None:
+        """This batch's per-token (T, d) or per-row (B, 1, d) scales, where a slot has any."""
+        present = set(slots)
+
+        def pick(stack, members):
+            if not present & members:
+                return None
+            t = stack.index_select(0, index)
+            return t[:, None, :] if rows else t
+
+        self._in_mul = pick(self.in_scale, self._scales_in)
+        self._out_mul = pick(self.out_scale, self._scales_out)
+        self._out_add = pick(self.out_shift, self._shifts)
 
     def set_slot(self, slot: int, a: torch.Tensor | None, b: torch.Tensor | None, scaling: float) -> None:
         """Copy A (r, in) and B (out, r) into `slot`; None zeroes the slot for this layer."""
@@ -230,6 +293,7 @@ class BatchedLoraLinear(nn.Module):
         self._plan = plan
         self._flat = self.flat_plan = None
         self._a_rows = self._b_rows = None
+        self._plan_scales(plan.key, plan.index, rows=True)
         r = max((self.rank[s] for s in set(plan.key)), default=0)
         if r == 0 or not plan.gathered:
             if not plan.transient:
@@ -268,6 +332,7 @@ class BatchedLoraLinear(nn.Module):
         self._plan = None
         self._a_rows = self._b_rows = None
         self._flat = None
+        self._plan_scales(flat.slots, flat.token_slot, rows=False)
         if not any(self.rank[s] for s in flat.slots):
             return
         fn = flat.kernel.kernels.lora_flat.get(self.lora_a.dtype) if flat.kernel is not None else None
@@ -297,16 +362,21 @@ class BatchedLoraLinear(nn.Module):
         return self._flat[0] if self._flat is not None else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, T, in)
+        if self._in_mul is not None:
+            x = x * self._in_mul
         y = self._base_forward(x)  # (B, T, out)
         if self._flat is not None:
             y = y if y.is_contiguous() else y.contiguous()
             self._flat_delta(x.reshape(-1, self.in_features), y.view(-1, self.out_features))
-            return y
-        if self._a_rows is not None:
+        elif self._a_rows is not None:
             xa = torch.bmm(x, self._a_rows)  # (B, T, r)
-            return y.baddbmm_(xa, self._b_rows)  # (B, T, out)
-        if self._plan is not None and not self._plan.gathered:
+            y = y.baddbmm_(xa, self._b_rows)  # (B, T, out)
+        elif self._plan is not None and not self._plan.gathered:
             self._segments(x, y)
+        if self._out_mul is not None:
+            y = y * self._out_mul
+        if self._out_add is not None:
+            y = y.add_(self._out_add)
         return y
 
     def _base_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -408,6 +478,8 @@ class SiblingGroup:
             self._misses += 1
         if self._misses >= self.MAX_MISSES or not self._fusable:
             return None
+        if any(m._in_mul is not None for m in self.members):  # IA3 on a member's input: inputs differ
+            return None
         fused = self._fused
         if fused is None or not fused.matches(self._bases):
             fused = self._fused = self._build()
@@ -442,6 +514,8 @@ class LoraSlots:
                  device: torch.device, gather_budget_bytes: int = DEFAULT_GATHER_BUDGET,
                  kernels: native.Kernels | None = None):
         self.layers = layers
+        self.virtual: dict[int, Virtual] = {}  # slot -> its prompt- or prefix-tuning tokens
+        self.prompt_shape = None  # adapterd_rules.PromptShape of the model (inject_lora sets it)
         self.kernels = kernels  # lora_flat.c for decode-sized flat runs, on the CPU
         self._flat: FlatPlan | None = None  # the last flat run's plan
         self.num_slots = num_slots
@@ -455,19 +529,28 @@ class LoraSlots:
         self._row_bytes = sum((m.in_features + m.out_features) * max_rank * elem for m in layers.values())
 
     def load(self, slot: int, weights) -> None:
-        """Copy an AdapterWeights (validated, CPU tensors) into `slot` (1..num_slots-1)."""
+        """Copy an AdapterWeights (validated, CPU tensors) into `slot` (1..num_slots-1). A
+        DoRA adapter's scales are computed against the base here, the first time only."""
         self._check_slot(slot)
-        unknown = set(weights.tensors) - set(self.layers)
+        unknown = (set(weights.tensors) | set(weights.ia3)) - set(self.layers)
         if unknown:
             raise UnknownTargetModule(
                 f"adapter targets modules the server does not batch: {sorted(unknown)[:4]}"
             )
         if weights.rank > self.max_rank:
             raise ValueError(f"rank {weights.rank} exceeds the slot rank {self.max_rank}")
+        virtual = None
+        if weights.virtual is not None:
+            dtype = next(iter(self.layers.values())).compute_dtype if self.layers else torch.float32
+            virtual = Virtual.of(weights.kind, weights.virtual, self.prompt_shape, self.device, dtype)
         with torch.no_grad():
             for name, layer in self.layers.items():
                 ab = weights.tensors.get(name)
                 layer.set_slot(slot, *(ab if ab is not None else (None, None)), weights.scaling)
+                layer.set_scales(slot, **_scales(name, layer, weights))
+        self.virtual.pop(slot, None)
+        if virtual is not None:
+            self.virtual[slot] = virtual
         self._plan = self._held = None
 
     def unload(self, slot: int) -> None:
@@ -475,7 +558,13 @@ class LoraSlots:
         with torch.no_grad():
             for layer in self.layers.values():
                 layer.set_slot(slot, None, None, 0.0)
+                layer.set_scales(slot)
+        self.virtual.pop(slot, None)
         self._plan = self._held = None
+
+    def virtual_tokens(self, slot: int) -> int:
+        v = self.virtual.get(slot)
+        return v.tokens if v is not None else 0
 
     def gathers(self, rows: int) -> bool:
         """Whether a batch of `rows` rows takes the gathered path. Otherwise (segments) the
@@ -540,6 +629,7 @@ def inject_lora(model: nn.Module, *, num_slots: int, max_rank: int,
     if num_slots < 2:
         raise ValueError("num_slots must be >= 2: slot 0 is reserved for the base model")
     layers: dict[str, BatchedLoraLinear] = {}
+    model_dtype = next((p.dtype for p in model.parameters() if p.dtype.is_floating_point), torch.float32)
     targets = [
         (name, module) for name, module in model.named_modules()
         if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in TARGET_NAMES
@@ -547,7 +637,7 @@ def inject_lora(model: nn.Module, *, num_slots: int, max_rank: int,
     for name, module in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        wrapped = BatchedLoraLinear(module, num_slots, max_rank, stack_dtype)
+        wrapped = BatchedLoraLinear(module, num_slots, max_rank, stack_dtype, model_dtype)
         setattr(parent, child, wrapped)
         layers[name] = wrapped
     for name in layers:
@@ -562,8 +652,31 @@ def inject_lora(model: nn.Module, *, num_slots: int, max_rank: int,
     device = next(model.parameters()).device
     native_kernels = native.load() if kernels and device.type == "cpu" else None
     slots = LoraSlots(layers, num_slots, max_rank, device, gather_budget_bytes, native_kernels)
+    from adapterd.engine.attention import supports_paged
+    from adapterd.engine.prompts import prompt_shape
+
+    if getattr(model, "config", None) is not None:  # a transformers model (not a bare module of linears)
+        slots.prompt_shape = prompt_shape(model, supports_paged(model))
     slots.set_batch([0])
     return slots
+
+
+def _scales(name: str, layer: BatchedLoraLinear, weights) -> dict[str, torch.Tensor]:
+    """set_scales' arguments for module `name` of an adapter: IA3's vector, or DoRA's scale."""
+    ia3 = weights.ia3.get(name)
+    if ia3 is not None:
+        vector, feedforward = ia3
+        return {"inputs": vector} if feedforward else {"outputs": vector}
+    if name not in weights.magnitudes:
+        return {}
+    g = weights.dora_scales.get(name)
+    if g is None:
+        a, b = weights.tensors[name]
+        g = weights.dora_scales[name] = dora_scale(layer.base, a, b, weights.scaling, weights.magnitudes[name], name)
+    bias = getattr(layer.base, "bias", None)
+    if bias is None:
+        return {"outputs": g}
+    return {"outputs": g, "shift": (1 - g) * bias.detach().to(g.device, torch.float32)}
 
 
 def reference_forward(base: nn.Module, x: torch.Tensor, adapters: list[tuple | None]) -> torch.Tensor:
@@ -580,12 +693,12 @@ def reference_forward(base: nn.Module, x: torch.Tensor, adapters: list[tuple | N
     return torch.cat(rows)
 
 
-def _compute_dtype(base: nn.Module) -> torch.dtype:
+def _compute_dtype(base: nn.Module, model_dtype: torch.dtype) -> torch.dtype:
     dtype = getattr(base, "compute_dtype", None)  # bitsandbytes Linear4bit
     if dtype is not None:
         return dtype
     w = base.weight
-    return w.dtype if w.dtype.is_floating_point else torch.float32
+    return w.dtype if w.dtype.is_floating_point else model_dtype  # int8: Linear8bitLt
 
 
 def _device(base: nn.Module) -> torch.device:

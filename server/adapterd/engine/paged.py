@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from adapterd.engine import attention, native
+from adapterd.engine import attention, native, prompts
 from adapterd.engine.attention import Chunk, StepAttention
 from adapterd.engine.generate import Request, TokenEvent, eos_ids, next_text
 from adapterd.engine.kv import DEFAULT_BLOCK_SIZE, Blocks, KVPool, chain
@@ -108,13 +108,14 @@ class PagedGenerator:
         """Admit rows; they are prefilled by the next steps. Each must fit (can_take)."""
         now = time.monotonic()
         for r in requests:
+            tokens = prompts.placeholders(self.slots.virtual_tokens(r.slot)) + list(r.prompt_ids)
             row = _Row(r, RowSampler(r.params, r.prompt_ids, self.device), TextStream(self.tokenizer, r.params.stop),
-                       list(r.prompt_ids), len(r.prompt_ids), now)
+                       tokens, len(r.prompt_ids), now)
             # At least the prompt's last token is fed: its logits choose the first token.
-            limit = (len(r.prompt_ids) - 1) // self.block_size
-            row.blocks, row.hashes = self.blocks.match(r.salt, r.prompt_ids, limit)
+            limit = (len(tokens) - 1) // self.block_size
+            row.blocks, row.hashes = self.blocks.match(r.salt, tokens, limit)
             row.computed = len(row.blocks) * self.block_size
-            row.reserve = self.blocks_needed(len(r.prompt_ids), r.params.max_new_tokens) - len(row.blocks)
+            row.reserve = self.blocks_needed(len(tokens), r.params.max_new_tokens) - len(row.blocks)
             self.blocks.reserved += row.reserve
             self.rows.append(row)
         return []
@@ -172,8 +173,13 @@ class PagedGenerator:
                 samples.append(len(ids) - 1)
         step = self._attention_meta(plan, slot_mapping)
         self.slots.set_tokens(token_slots)
+        inputs = {"input_ids": torch.tensor([ids], device=self.device)}  # (1, T)
+        if prompts.has_placeholders(ids):  # a prompt- or prefix-tuning row's virtual tokens
+            virtual = self.slots.virtual
+            inputs = {"inputs_embeds": prompts.inputs_embeds(self.model, inputs["input_ids"], [token_slots], virtual)}
+            step.prefix = prompts.PrefixKV.of_run(ids, token_slots, virtual, self.device)
         out = self.model(
-            input_ids=torch.tensor([ids], device=self.device),  # (1, T)
+            **inputs,
             position_ids=torch.tensor([positions], device=self.device),  # (1, T)
             use_cache=False,
             logits_to_keep=torch.tensor(samples, dtype=torch.long, device=self.device),  # (S,)

@@ -122,6 +122,9 @@ class OpenAIApi:
     def _submit(self, tenant: str, req: Parsed) -> list[_Row]:
         """Admit and queue one row per (prompt, choice); on any failure, none stays queued."""
         adapter = "" if req.model in ("", self.base_name) else req.model
+        if req.mix and adapter:
+            raise invalid(f"with adapters (a mix), model must be the base model {self.base_name!r}; got {req.model!r}",
+                          "model")
         rows: list[_Row] = []
         try:
             for p, prompt in enumerate(req.prompts):
@@ -135,6 +138,7 @@ class OpenAIApi:
                         generation = self.engine.submit(
                             tenant=tenant, adapter=adapter, prompt=prompt, messages=req.messages,
                             args=dataclasses.replace(args, seed=seed), on_start=lease.running,
+                            mix=req.mix, combination=req.combination,
                         )
                     except BaseException:
                         lease.close()

@@ -24,6 +24,8 @@ COMMON = frozenset({
     "frequency_penalty", "user", "stream", "stream_options", "response_format",
     # Extensions, as vLLM names them:
     "top_k", "repetition_penalty", "ignore_eos",
+    # adapterd's: a weighted mix of LoRA adapters, with "model" the base model
+    "adapters", "combination",
 })
 CHAT = COMMON | {"messages", "max_completion_tokens", "logprobs", "top_logprobs"}
 COMPLETIONS = COMMON | {"prompt", "logprobs", "echo"}
@@ -43,6 +45,8 @@ class Parsed:
     max_tokens: int | None  # None: as many as the server's max total tokens leave room for
     logprobs: bool
     args: GenerateArgs = field(repr=False)
+    mix: list[tuple[str, float]] = field(default_factory=list)  # (adapter, weight): a mix of LoRA adapters
+    combination: str = "linear"
 
 
 def parse_body(raw: bytes) -> dict:
@@ -117,8 +121,29 @@ def _common(body: dict, prompts: list[str], messages: list[Message], max_tokens:
         ignore_eos=bool(_get(body, "ignore_eos", bool)),
         response_format=_response_format(_get(body, "response_format", dict)),
     )
+    mix, combination = _mix(body)
     return Parsed(model=model, prompts=prompts, messages=messages, n=_int(body, "n", 1, MAX_N) or 1,
-                  stream=stream, include_usage=include_usage, max_tokens=max_tokens, logprobs=logprobs, args=args)
+                  stream=stream, include_usage=include_usage, max_tokens=max_tokens, logprobs=logprobs, args=args,
+                  mix=mix, combination=combination)
+
+
+def _mix(body: dict) -> tuple[list[tuple[str, float]], str]:
+    """"adapters": [{"adapter": "name@2", "weight": 0.7}, ...] and "combination" (linear, cat)."""
+    entries = _get(body, "adapters", list)
+    combination = _get(body, "combination", str)
+    if entries is None:
+        if combination is not None:
+            raise invalid("combination is only allowed with adapters", "combination")
+        return [], "linear"
+    mix = []
+    for e in entries:
+        if not isinstance(e, dict) or set(e) - {"adapter", "weight"} or not isinstance(e.get("adapter"), str):
+            raise invalid('adapters must be a list of {"adapter": name, "weight": number}', "adapters")
+        weight = e.get("weight", 1.0)
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+            raise invalid(f"adapters: the weight of {e['adapter']!r} must be a number", "adapters")
+        mix.append((e["adapter"], float(weight)))
+    return mix, combination or "linear"
 
 
 def _response_format(rf: dict | None) -> ResponseFormat | None:

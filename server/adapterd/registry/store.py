@@ -92,6 +92,8 @@ class AdapterVersion:
     source: str = "pushed"
     job_id: str = ""
     metrics: dict[str, float] = field(default_factory=dict)
+    kind: str = "lora"  # adapterd_rules.KINDS; records from before other kinds were served are LoRA
+    virtual_tokens: int = 0  # prompt and prefix tuning
 
     @property
     def ref(self) -> str:
@@ -135,6 +137,7 @@ class Registry:
         spec=None,
         max_rank: int | None = None,
         max_bytes: int | None = None,
+        max_virtual_tokens: int | None = None,
         list_ttl_s: float = 0.0,
         stale_push_s: float = 3600.0,
         deleted_grace_s: float = 60.0,
@@ -150,6 +153,7 @@ class Registry:
         self.spec = spec
         self.max_rank = max_rank
         self.max_bytes = max_bytes
+        self.max_virtual_tokens = max_virtual_tokens
         self.list_ttl_s = list_ttl_s
         self.stale_push_s = stale_push_s
         self.deleted_grace_s = deleted_grace_s
@@ -191,18 +195,21 @@ class Registry:
         # Load the tensors too: catches NaN/inf and anything the header check cannot see.
         if self.spec is not None:
             adapter = load_adapter_files(config_bytes, weights, self.spec, self.max_rank, sha256=digest,
-                                         max_bytes=self.max_bytes)
+                                         max_bytes=self.max_bytes, max_virtual_tokens=self.max_virtual_tokens)
             rank, alpha, scaling, targets = adapter.rank, adapter.alpha, adapter.scaling, adapter.target_modules
+            kind, virtual = adapter.kind, adapter.virtual_tokens
         else:
-            checked = rules.check_adapter(config_bytes, weights, max_rank=self.max_rank, max_bytes=self.max_bytes)
+            checked = rules.check_adapter(config_bytes, weights, max_rank=self.max_rank, max_bytes=self.max_bytes,
+                                          max_virtual_tokens=self.max_virtual_tokens)
             s = checked.settings
             rank, alpha, scaling, targets = s.rank, s.alpha, s.scaling, checked.target_modules
+            kind, virtual = checked.kind, checked.virtual_tokens
         try:
             with self.storage.push_lock():
                 version = self._write(tenant, name, contents, entries, digest, dict(
                     size=sum(e.size for e in entries.values()), rank=rank, alpha=alpha, scaling=scaling,
                     target_modules=targets, description=description, visibility=visibility,
-                    source=source, job_id=job_id, metrics=dict(metrics or {}),
+                    source=source, job_id=job_id, metrics=dict(metrics or {}), kind=kind, virtual_tokens=virtual,
                     trained_on=str(json.loads(config_bytes).get("base_model_name_or_path") or ""),
                 ))
         except BaseException:
@@ -211,7 +218,7 @@ class Registry:
             # that failed half-way).
             self._sweep_quietly()
             raise
-        log.info("pushed %s (%s, %d bytes, rank %d)", version.full_ref, digest[:12], version.size, rank)
+        log.info("pushed %s (%s, %s, %d bytes, rank %d)", version.full_ref, kind, digest[:12], version.size, rank)
         return version
 
     def _write(self, tenant, name, contents, entries, digest, fields) -> AdapterVersion:
@@ -558,6 +565,7 @@ def open_registry(config, *, max_rank: int | None, spec=None) -> Registry:
     s3 = S3Options(config.s3_endpoint, config.s3_region, config.s3_access_key_id, config.s3_secret)
     return Registry(
         open_storage(config.location, s3), spec=spec, max_rank=max_rank, max_bytes=config.max_adapter_bytes,
+        max_virtual_tokens=getattr(config, "max_virtual_tokens", None),
         list_ttl_s=config.list_ttl_s, deleted_grace_s=config.deleted_grace_s, require_spec=True,
     )
 

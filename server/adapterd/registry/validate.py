@@ -18,7 +18,7 @@ import torch
 from adapterd import errors
 from adapterd.resolve import AdapterWeights, ModelSpec
 
-__all__ = ["AdapterWeights", "check_finite_outputs", "load_adapter_files", "read_adapter", "validate_adapter_files"]
+__all__ = ["AdapterWeights", "check_finite_outputs", "check_finite_vector", "load_adapter_files", "read_adapter", "validate_adapter_files"]
 
 
 def validate_adapter_files(
@@ -28,15 +28,18 @@ def validate_adapter_files(
     max_rank: int | None,
     *,
     max_bytes: int | None = None,
+    max_virtual_tokens: int | None = None,
 ) -> rules.CheckedAdapter:
     """Every check short of loading tensor values. `spec=None` skips the base-model fit
-    (shapes, modules)."""
+    (shapes, modules, prompt sizes)."""
     return rules.check_adapter(
         config_bytes,
         weights,
         linear_shapes=spec.linear_shapes if spec is not None else None,
+        prompt_shape=spec.prompt_shape if spec is not None else None,
         max_rank=max_rank,
         max_bytes=max_bytes,
+        max_virtual_tokens=max_virtual_tokens,
     )
 
 
@@ -49,18 +52,29 @@ def load_adapter_files(
     name: str = "",
     sha256: str | None = None,
     max_bytes: int | None = None,
+    max_virtual_tokens: int | None = None,
 ) -> AdapterWeights:
-    """Check, then load the tensors as float32 CPU (A, B) pairs keyed by module path."""
-    checked = validate_adapter_files(config_bytes, weights, spec, max_rank, max_bytes=max_bytes)
+    """Check, then load the tensors as float32 CPU tensors keyed by module path."""
+    checked = validate_adapter_files(config_bytes, weights, spec, max_rank, max_bytes=max_bytes,
+                                     max_virtual_tokens=max_virtual_tokens)
     raw = _load_tensors(weights)
     s = checked.settings
-    tensors = {}
+    tensors, magnitudes, ia3, virtual = {}, {}, {}, None
     for path, mod in checked.modules.items():
-        # copy=True: never keep a view of a memory-mapped file that storage could change.
-        a = raw[mod.a_key].to(torch.float32, copy=True).contiguous()  # (r, in)
-        b = raw[mod.b_key].to(torch.float32, copy=True).contiguous()  # (out, r)
+        if isinstance(mod, rules.Ia3Module):
+            vector = _float32(raw[mod.key]).flatten()  # (features,)
+            check_finite_vector(mod.key, vector, "IA3 vector")
+            ia3[path] = (vector, mod.feedforward)
+            continue
+        a, b = _float32(raw[mod.a_key]), _float32(raw[mod.b_key])  # (r, in), (out, r)
         check_finite_outputs(path, mod, a, b, s.scaling, s.rank)
         tensors[path] = (a, b)
+        if mod.magnitude_key is not None:
+            magnitudes[path] = _float32(raw[mod.magnitude_key])  # (out,)
+            check_finite_vector(mod.magnitude_key, magnitudes[path], "DoRA magnitude vector")
+    if checked.kind in rules.PROMPT_KINDS:
+        virtual = _float32(raw[rules.PROMPT_KEY])  # (virtual tokens, width)
+        check_finite_vector(rules.PROMPT_KEY, virtual, "prompt embedding")
     if sha256 is None:
         sha256 = _digest(config_bytes, weights)
     return AdapterWeights(
@@ -73,7 +87,32 @@ def load_adapter_files(
         tensors=tensors,
         nbytes=checked.nbytes,
         config=s.raw,
+        kind=checked.kind,
+        magnitudes=magnitudes,
+        ia3=ia3,
+        virtual=virtual,
     )
+
+
+def _float32(t: torch.Tensor) -> torch.Tensor:
+    # copy=True: never keep a view of a memory-mapped file that storage could change.
+    return t.to(torch.float32, copy=True).contiguous()
+
+
+def check_finite_vector(key: str, t: torch.Tensor, what: str) -> None:
+    """Refuse NaN, inf, or values above MAX_ABS_WEIGHT in an IA3 vector, a DoRA magnitude
+    or a prompt embedding: the outputs they scale or feed would not be finite."""
+    if not torch.isfinite(t).all():
+        raise errors.InvalidAdapter(
+            f"tensor {rules.quote(key)} holds NaN or infinite values (as float32): the adapter's outputs "
+            "would not be finite numbers"
+        )
+    peak = float(t.abs().max()) if t.numel() else 0.0
+    if peak > rules.MAX_ABS_WEIGHT:
+        raise errors.InvalidAdapter(
+            f"tensor {rules.quote(key)} ({what}) holds values up to {peak:g}, above the limit of "
+            f"{rules.MAX_ABS_WEIGHT:g}: the adapter's outputs would not be finite numbers"
+        )
 
 
 def check_finite_outputs(path: str, mod: rules.LoraModule, a: torch.Tensor, b: torch.Tensor,

@@ -61,7 +61,8 @@ class AdaptersService(pb_grpc.AdaptersServicer):
         with self.uploads.hold(principal.tenant, "PushAdapter"), self.registry.storage.staging_dir() as spool:
             messages = self.uploads.messages(request_iterator, "PushAdapter")
             header, files, sha256 = await receive_push(
-                messages, Path(spool), self.registry.max_bytes, self.registry.max_rank
+                messages, Path(spool), self.registry.max_bytes, self.registry.max_rank,
+                self.registry.max_virtual_tokens,
             )
             version = await asyncio.to_thread(
                 self.registry.push, principal.tenant, header.name, files, sha256=sha256,
@@ -105,6 +106,12 @@ class AdaptersService(pb_grpc.AdaptersServicer):
             for path, (in_f, out_f) in spec.linear_shapes.items():
                 push_rules.linear_shapes[path].in_features = in_f
                 push_rules.linear_shapes[path].out_features = out_f
+            shape = spec.prompt_shape
+            if shape is not None:
+                push_rules.hidden_size, push_rules.num_layers = shape.hidden_size, shape.num_layers
+                push_rules.kv_heads, push_rules.head_dim = shape.kv_heads, shape.head_dim
+                push_rules.prefix_tuning = shape.prefix_tuning
+        push_rules.max_virtual_tokens = self.registry.max_virtual_tokens or rules.DEFAULT_MAX_VIRTUAL_TOKENS
         return push_rules
 
     def _adapter(self, v: AdapterVersion) -> pb.Adapter:
@@ -121,7 +128,7 @@ def adapter_message(v: AdapterVersion) -> pb.Adapter:
         target_modules=v.target_modules, base_model=v.base_model, base_model_identity=v.base_identity,
         trained_on=v.trained_on, description=v.description,
         visibility=VISIBILITY[v.visibility], source=SOURCE[v.source], job_id=v.job_id,
-        metrics=v.metrics, residence=pb.RESIDENCE_STORAGE,
+        metrics=v.metrics, residence=pb.RESIDENCE_STORAGE, kind=v.kind, virtual_tokens=v.virtual_tokens,
         files=[pb.AdapterFile(name=n, size=e.size, sha256=e.sha256) for n, e in sorted(v.files.items())],
     )
     msg.created_at.FromNanoseconds(int(v.created_at * 1e9))
@@ -140,8 +147,8 @@ def _enum_filter(value: int, names: dict[int, str], enum, field: str) -> str | N
     return names[value]
 
 
-async def receive_push(messages, spool: Path, max_bytes: int | None,
-                       max_rank: int | None = None) -> tuple[pb.PushHeader, dict[str, Path], dict[str, str]]:
+async def receive_push(messages, spool: Path, max_bytes: int | None, max_rank: int | None = None,
+                       max_virtual_tokens: int | None = None) -> tuple[pb.PushHeader, dict[str, Path], dict[str, str]]:
     """Read the header, then each file's bytes into `spool`, refusing as early as possible:
     a bad header (a pickled or unknown file name, a declared total above the cap, a sha256
     that is not one) before any byte; adapter_config.json as soon as it is in; the
@@ -154,7 +161,7 @@ async def receive_push(messages, spool: Path, max_bytes: int | None,
     header = first.header
     check_push_header(header, max_bytes)
     files = {f.name: spool / f.name for f in header.files}
-    early = {f.name: _EarlyCheck(f.name, f.size, max_rank) for f in header.files}
+    early = {f.name: _EarlyCheck(f.name, f.size, max_rank, max_virtual_tokens) for f in header.files}
     index, written, out = 0, 0, None
     hashes = [hashlib.sha256() for _ in header.files]
     try:
@@ -200,8 +207,8 @@ class _EarlyCheck:
     """The checks one file's first bytes allow, as they arrive: the whole config once it is
     in (it is small), the safetensors header once its bytes are. Keeps only those bytes."""
 
-    def __init__(self, name: str, size: int, max_rank: int | None):
-        self.name, self.size, self.max_rank = name, size, max_rank
+    def __init__(self, name: str, size: int, max_rank: int | None, max_virtual_tokens: int | None = None):
+        self.name, self.size, self.max_rank, self.max_virtual_tokens = name, size, max_rank, max_virtual_tokens
         self.start = bytearray()
         self.done = False
 
@@ -211,7 +218,7 @@ class _EarlyCheck:
         self.start += data
         if self.name == rules.CONFIG_FILE:
             if len(self.start) == self.size:
-                rules.parse_config(bytes(self.start), max_rank=self.max_rank)
+                rules.parse_config(bytes(self.start), max_rank=self.max_rank, max_virtual_tokens=self.max_virtual_tokens)
                 self.done = True
         elif rules.check_safetensors_start(self.start, self.size) is not None:
             self.done = True

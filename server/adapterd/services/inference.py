@@ -85,6 +85,8 @@ class InferenceService(pb_grpc.InferenceServicer):
                 adapter=request.adapter,
                 prompt=request.prompt,
                 messages=[Message(m.role, m.content) for m in request.messages],
+                mix=[(m.adapter, m.weight) for m in request.adapters],
+                combination=request.combination or "linear",
                 args=generate_args(request.params),
                 deadline=None if remaining is None else time.monotonic() + remaining,
                 on_start=lease.running,
