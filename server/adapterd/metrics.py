@@ -33,6 +33,8 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, make_wsgi_app
 
+from adapterd_rules import KINDS
+
 from adapterd import __version__
 from adapterd.tenancy import DEFAULT_TENANT
 from adapterd.training.store import STATES as JOB_STATES
@@ -190,6 +192,9 @@ class Metrics:
             "adapterd_running_batch_size", "Rows in the running batch.", registry=r)
         self.resident = Gauge(
             "adapterd_adapters_resident", "Adapters held in each cache tier.", ["tier"], registry=r)
+        self.resident_kinds = Gauge(
+            "adapterd_adapters_resident_by_kind", "Adapters held in each cache tier, by kind (lora, dora, ia3, "
+            "prompt_tuning, prefix_tuning).", ["tier", "kind"], registry=r)
         self.loads = Counter(
             "adapterd_adapter_loads", "Adapters loaded into a tier.", ["tier"], registry=r)
         self.load_duration = Histogram(
@@ -353,8 +358,10 @@ class Metrics:
 
     # --- adapter cache -----------------------------------------------------------------
 
-    def set_resident(self, tier: str, n: int) -> None:
+    def set_resident(self, tier: str, n: int, kinds: dict[str, int] | None = None) -> None:
         self.resident.labels(tier).set(n)
+        for kind in KINDS:
+            self.resident_kinds.labels(tier, kind).set((kinds or {}).get(kind, 0))
 
     def cache_hit(self, tier: str) -> None:
         self.cache_hits.labels(tier).inc()

@@ -19,9 +19,11 @@ from adapterd.config import CacheConfig, ModelConfig
 from adapterd.engine.model import load_base_model
 from adapterd.engine.parts import load_engine_parts
 from adapterd.engine.variants import dense_weight
+from adapterd.metrics import Metrics
 from adapterd.registry.storage import LocalStorage
 from adapterd.registry.store import Registry, RegistryResolver
 from adapterd_api.v1 import inference_pb2 as ipb
+from prometheus_client import CollectorRegistry
 from safetensors.torch import load_file, save_file
 
 from tests.grpc_harness import RunningServer, request
@@ -43,8 +45,10 @@ def server(base, tmp_path_factory):
     parts = load_engine_parts(ModelConfig(base_model=base), CacheConfig(gpu_slots=4, max_rank=MAX_RANK))
     registry = Registry(LocalStorage(tmp_path_factory.mktemp("registry")), max_rank=MAX_RANK, max_bytes=10 << 20,
                         max_virtual_tokens=MAX_VIRTUAL)
-    s = RunningServer.start(parts, RegistryResolver(registry), registry=registry,
+    metrics = Metrics(CollectorRegistry())
+    s = RunningServer.start(parts, RegistryResolver(registry), registry=registry, metrics=metrics,
                             cache=CacheConfig(gpu_slots=4, max_rank=MAX_RANK))
+    s.prometheus = metrics.registry
     yield s
     s.stop()
 
@@ -96,6 +100,10 @@ def test_each_kind_pushed_and_served_as_peft(kind, server, base, kind_adapter_fa
     assert list(out.token_ids) == expected
     tokenized = server.inference.Generate(request(PROMPT, "", max_new_tokens=1)).prompt_tokens
     assert out.prompt_tokens == tokenized  # the virtual tokens are not the caller's prompt
+
+    resident = server.prometheus.get_sample_value(
+        "adapterd_adapters_resident_by_kind", {"tier": "device", "kind": kind})
+    assert resident == 1  # the metrics show the kind of what is in the slots
 
     assert _ctl(server, "list", "--json", "--name", f"k-{kind.replace('_', '-')}") == 0
     row = json.loads(capsys.readouterr().out.splitlines()[-1])

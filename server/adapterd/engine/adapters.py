@@ -262,5 +262,6 @@ class AdapterCache:
 
     def _observe_resident(self) -> None:
         if self.metrics is not None:
-            self.metrics.set_resident("device", len(self._resident))
-            self.metrics.set_resident("cpu", len(self._cpu))
+            self.metrics.set_resident("device", len(self._resident),
+                                      Counter(self.slots.kinds.get(s, "lora") for s in self._resident.values()))
+            self.metrics.set_resident("cpu", len(self._cpu), Counter(w.kind for w, _ in self._cpu.values()))

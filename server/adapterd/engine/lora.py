@@ -515,6 +515,7 @@ class LoraSlots:
                  kernels: native.Kernels | None = None):
         self.layers = layers
         self.virtual: dict[int, Virtual] = {}  # slot -> its prompt- or prefix-tuning tokens
+        self.kinds: dict[int, str] = {}  # slot -> the kind of adapter it holds
         self.prompt_shape = None  # adapterd_rules.PromptShape of the model (inject_lora sets it)
         self.kernels = kernels  # lora_flat.c for decode-sized flat runs, on the CPU
         self._flat: FlatPlan | None = None  # the last flat run's plan
@@ -551,6 +552,7 @@ class LoraSlots:
         self.virtual.pop(slot, None)
         if virtual is not None:
             self.virtual[slot] = virtual
+        self.kinds[slot] = weights.kind
         self._plan = self._held = None
 
     def unload(self, slot: int) -> None:
@@ -560,6 +562,7 @@ class LoraSlots:
                 layer.set_slot(slot, None, None, 0.0)
                 layer.set_scales(slot)
         self.virtual.pop(slot, None)
+        self.kinds.pop(slot, None)
         self._plan = self._held = None
 
     def virtual_tokens(self, slot: int) -> int:
