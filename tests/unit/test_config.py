@@ -31,7 +31,7 @@ def test_each_flag_sets_its_field(tmp_path):
     ])
     config = Config.from_args(args)
     assert config.server == ServerConfig(port=0, port_file=tmp_path / "port", grace_period_s=5.0)
-    assert config.model == ModelConfig(quantize=False, malloc_tuning=False)
+    assert config.model == ModelConfig(quantization="none", malloc_tuning=False)
     assert config.scheduler.max_input_tokens == 10 and config.engine.kind == "padded"
     assert config.registry.refresh_s == 0.5 and config.http.port == 0
     assert config.training.jobs_dir == tmp_path / "jobs" and isinstance(config.training.jobs_dir, Path)

@@ -81,8 +81,8 @@ def test_converted_gguf_gives_the_float_models_logits_and_tokens(tiny_gguf, tmp_
     assert converted.parent == tmp_path and (converted / "model.safetensors").is_file()
 
     cpu = torch.device("cpu")
-    ref, ref_tok, _ = load_base_model(base, device=cpu, quantize=False)
-    got, got_tok, spec = load_base_model(converted, device=cpu, quantize=False)
+    ref, ref_tok, _ = load_base_model(base, device=cpu, quantization="none")
+    got, got_tok, spec = load_base_model(converted, device=cpu, quantization="none")
     text = "<|user|>\nhello, GGUF<|end|>\n<|assistant|>\n"
     ids = ref_tok(text, return_tensors="pt")["input_ids"]
     assert got_tok(text, return_tensors="pt")["input_ids"].tolist() == ids.tolist()

@@ -1,5 +1,10 @@
-"""Base model loading: any local Hugging Face causal-LM directory, in NF4 with double
-quantization through bitsandbytes.
+"""Base model loading: any local Hugging Face causal-LM directory, quantized through
+bitsandbytes as --quantization says:
+
+    nf4    4-bit NormalFloat with double quantization (QLoRA's format; the default)
+    fp4    4-bit floating point with double quantization
+    int8   LLM.int8(): int8 weights, activations quantized per row, outlier features in fp16
+    none   full precision, in the compute dtype
 
 What `--base-model` names becomes such a directory first (`base_model_dir`):
 
@@ -21,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from adapterd.config import QUANTIZATIONS, Quantization
 from adapterd.errors import InvalidArgument
 from adapterd.resolve import ModelSpec
 
@@ -29,6 +35,15 @@ log = logging.getLogger(__name__)
 DEMO = "demo"  # --base-model demo: the random demo model (tests, benchmarks of the engine alone)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# What the loaded-model log line calls each --quantization.
+DESCRIPTIONS: dict[Quantization, str] = {
+    "nf4": "nf4 + double quantization",
+    "fp4": "fp4 + double quantization",
+    "int8": "int8 (LLM.int8)",
+    "none": "none (full precision)",
+}
+INT8_THRESHOLD = 6.0  # LLM.int8()'s outlier threshold, transformers' default for load_in_8bit
 
 
 def default_device() -> torch.device:
@@ -70,28 +85,28 @@ def load_base_model(
     *,
     device: torch.device | None = None,
     compute_dtype: torch.dtype | None = None,
-    quantize: bool = True,
+    quantization: Quantization = "nf4",
 ):
-    """Load `path` (a local HF directory) as NF4 + double quantization. Returns
-    (model, tokenizer, spec). `quantize=False` keeps full precision (tests, references)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+    """Load `path` (a local HF directory) with its linear layers stored as `quantization`
+    says (module docstring; "none" keeps full precision: tests, references). Returns
+    (model, tokenizer, spec); the spec is the same whatever the quantization."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if quantization not in QUANTIZATIONS:
+        raise InvalidArgument(f"--quantization must be one of {', '.join(QUANTIZATIONS)}; got {quantization!r}")
     path = Path(path)
     if not (path / "config.json").is_file():
         raise InvalidArgument(f"--base-model {path}: not a Hugging Face model directory (no config.json)")
     device = device or default_device()
     compute_dtype = compute_dtype or default_compute_dtype(device)
     kwargs: dict = {"dtype": compute_dtype, "device_map": {"": str(device)}}
-    if quantize:
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=compute_dtype,
-        )
+    if quantization != "none":
+        kwargs["quantization_config"] = bnb_config(quantization, compute_dtype)
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    if quantize:
-        _quantize_leftover_linears(model, compute_dtype, device)
+    if quantization != "none":
+        _quantize_leftover_linears(model, quantization, compute_dtype, device)
+    if quantization == "int8":
+        _quiet_int8_cast_warning()
     model.eval()
     model.requires_grad_(False)
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -99,11 +114,24 @@ def load_base_model(
         tokenizer.pad_token = tokenizer.eos_token
     spec = model_spec(model, path)
     log.info(
-        "base model %s loaded: %s, %s, %s, %.1f MiB",
-        path, "nf4+double-quant" if quantize else "full precision", compute_dtype,
-        device, model.get_memory_footprint() / 2**20,
+        "base model %s loaded: quantization %s, compute %s, %s, %.1f MiB",
+        path, DESCRIPTIONS[quantization], compute_dtype, device, model.get_memory_footprint() / 2**20,
     )
     return model, tokenizer, spec
+
+
+def bnb_config(quantization: Quantization, compute_dtype: torch.dtype):
+    """transformers' BitsAndBytesConfig for a quantized `quantization` (not "none")."""
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=INT8_THRESHOLD)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quantization,
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype,
+    )
 
 
 def model_spec(model, path: Path) -> ModelSpec:
@@ -122,33 +150,81 @@ def model_spec(model, path: Path) -> ModelSpec:
 
 
 def linear_shape(module) -> tuple[int, int] | None:
-    """(in_features, out_features) of an nn.Linear or a bitsandbytes Linear4bit, else None."""
-    if isinstance(module, torch.nn.Linear):  # bnb.nn.Linear4bit subclasses nn.Linear
+    """(in_features, out_features) of an nn.Linear or a bitsandbytes Linear4bit or
+    Linear8bitLt, else None."""
+    if isinstance(module, torch.nn.Linear):  # bnb's Linear4bit and Linear8bitLt subclass nn.Linear
         return module.in_features, module.out_features
     return None
 
 
-def _quantize_leftover_linears(model, compute_dtype: torch.dtype, device: torch.device) -> None:
+def _quantize_leftover_linears(model, quantization: Quantization, compute_dtype: torch.dtype,
+                               device: torch.device) -> None:
     """transformers quantizes only modules whose type is exactly nn.Linear; subclasses such as
     Falcon's FalconLinear (the same math) would stay in the compute dtype. Quantize them here
-    the same way (NF4, double quantization), so every architecture really runs in 4 bits."""
+    the same way (`quantization`: nf4 or fp4 with double quantization, or int8), so every
+    architecture really runs in the format asked for."""
     import bitsandbytes as bnb
 
+    if quantization == "none":
+        return
     skip = {id(model.get_output_embeddings())}
     left = [
         (name, m) for name, m in model.named_modules()
-        if isinstance(m, torch.nn.Linear) and not isinstance(m, bnb.nn.Linear4bit) and id(m) not in skip
+        if isinstance(m, torch.nn.Linear) and not isinstance(m, bnb.nn.Linear4bit | bnb.nn.Linear8bitLt)
+        and id(m) not in skip
     ]
     for name, lin in left:
-        if device.type == "cpu" and lin.out_features % 32:
+        if quantization == "int8":
+            q = _int8_linear(lin, compute_dtype, device)
+        elif device.type == "cpu" and lin.out_features % 32:
             log.warning("%s stays in %s: the CPU 4-bit path needs out_features divisible by 32", name, compute_dtype)
             continue
-        q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None,
-                              compute_dtype=compute_dtype, compress_statistics=True, quant_type="nf4", device="meta")
-        q.weight = bnb.nn.Params4bit(lin.weight.data.to(compute_dtype), requires_grad=False,
-                                     compress_statistics=True, quant_type="nf4")
-        if lin.bias is not None:
-            q.bias = torch.nn.Parameter(lin.bias.data.to(compute_dtype), requires_grad=False)
-        q.weight.module = q  # as transformers links them: bnb keeps the quant state on the module too
+        else:
+            q = _4bit_linear(lin, quantization, compute_dtype, device)
         parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, q.to(device))
+        setattr(model.get_submodule(parent) if parent else model, child, q)
+
+
+def _4bit_linear(lin: torch.nn.Linear, quant_type: str, compute_dtype: torch.dtype, device: torch.device):
+    import bitsandbytes as bnb
+
+    q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None,
+                          compute_dtype=compute_dtype, compress_statistics=True, quant_type=quant_type, device="meta")
+    q.weight = bnb.nn.Params4bit(lin.weight.data.to(compute_dtype), requires_grad=False,
+                                 compress_statistics=True, quant_type=quant_type)
+    if lin.bias is not None:
+        q.bias = torch.nn.Parameter(lin.bias.data.to(compute_dtype), requires_grad=False)
+    q.weight.module = q  # as transformers links them: bnb keeps the quant state on the module too
+    return q.to(device)
+
+
+def _int8_linear(lin: torch.nn.Linear, compute_dtype: torch.dtype, device: torch.device):
+    import bitsandbytes as bnb
+
+    q = bnb.nn.Linear8bitLt(lin.in_features, lin.out_features, bias=lin.bias is not None,
+                            has_fp16_weights=False, threshold=INT8_THRESHOLD, device="meta")
+    # What Int8Params does when it moves a full-precision CPU weight to a device, done where the
+    # weight already is: row-wise int8 of its float16 copy, with the rows' scales.
+    cb, scb, _ = bnb.functional.int8_vectorwise_quant(lin.weight.data.to(torch.float16))
+    q.weight = bnb.nn.Int8Params(cb, requires_grad=False, has_fp16_weights=False, CB=cb, SCB=scb)
+    if lin.bias is not None:
+        q.bias = torch.nn.Parameter(lin.bias.data.to(compute_dtype), requires_grad=False)
+    return q.to(device)
+
+
+class _DropInt8CastWarning(logging.Filter):
+    """bitsandbytes logs a warning on every int8 matmul whose input is not float16 (so every
+    base call of every step in float32 or bfloat16): it quantizes the input through float16,
+    which is how LLM.int8() works, not a fault. One line at load time says so instead."""
+
+    PREFIX = "MatMul8bitLt: inputs will be cast"
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.PREFIX)
+
+
+def _quiet_int8_cast_warning() -> None:
+    bnb_log = logging.getLogger("bitsandbytes.autograd._functions")
+    if not any(isinstance(f, _DropInt8CastWarning) for f in bnb_log.filters):
+        bnb_log.addFilter(_DropInt8CastWarning())
+    log.info("int8: each base layer quantizes its input through float16 (LLM.int8), whatever the compute dtype")

@@ -26,7 +26,7 @@ class EngineParts:
 
 
 def load_engine_parts(model_config: ModelConfig, cache_config: CacheConfig) -> EngineParts:
-    """Load the base model (NF4 unless --no-quantize) and give it the LoRA slots. The
+    """Load the base model (stored as --quantization says) and give it the LoRA slots. The
     base model is whatever --base-model may name: a directory, a GGUF file, demo, unset."""
     import torch
 
@@ -36,7 +36,8 @@ def load_engine_parts(model_config: ModelConfig, cache_config: CacheConfig) -> E
     path = base_model_dir(model_config.base_model)  # a GGUF file is converted on first use
     device = default_device() if model_config.device == "auto" else torch.device(model_config.device)
     dtype = parse_dtype(model_config.compute_dtype, device)
-    model, tokenizer, spec = load_base_model(path, device=device, compute_dtype=dtype, quantize=model_config.quantize)
+    model, tokenizer, spec = load_base_model(path, device=device, compute_dtype=dtype,
+                                             quantization=model_config.quantization)
     slots = inject_lora(model, num_slots=cache_config.gpu_slots + 1, max_rank=cache_config.max_rank)
     return EngineParts(model, tokenizer, slots, spec)
 

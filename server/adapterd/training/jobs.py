@@ -25,7 +25,7 @@ from pathlib import Path
 
 from adapterd_rules import quote
 
-from adapterd.config import TrainingConfig
+from adapterd.config import Quantization, TrainingConfig
 from adapterd.errors import InvalidArgument, NotFound
 from adapterd.training import data, general
 from adapterd.training.runner import WorkerRun
@@ -44,12 +44,13 @@ class JobManager:
     """The jobs of every tenant: create, read, cancel, follow; and the queue."""
 
     def __init__(self, config: TrainingConfig, *, base_model: Path, publish: Publish, device: str = "auto",
-                 compute_dtype: str = "auto", max_rank: int | None = None, tokenizer=None,
-                 module_names: Iterable[str] = (), metrics=None):
+                 compute_dtype: str = "auto", quantization: Quantization = "nf4", max_rank: int | None = None,
+                 tokenizer=None, module_names: Iterable[str] = (), metrics=None):
         """`base_model`: the served base model's directory (each worker loads its own copy,
-        on `device` in `compute_dtype`); `max_rank`: the server's --max-rank (a larger adapter
-        could not be served); `tokenizer`: the base model's, to check example lengths
-        (default: loaded from base_model at start); `module_names`: the base model's linear
+        on `device` in `compute_dtype`, stored as `quantization`: as the server serves it);
+        `max_rank`: the server's --max-rank (a larger adapter could not be served);
+        `tokenizer`: the base model's, to check example lengths (default: loaded from
+        base_model at start); `module_names`: the base model's linear
         modules, to check --target-modules before a job is queued (or later,
         set_module_names); `metrics`: an adapterd.metrics.Metrics for jobs by state and the
         running jobs' loss."""
@@ -57,6 +58,7 @@ class JobManager:
         self.base_model = Path(base_model)
         self.device = device
         self.compute_dtype = compute_dtype
+        self.quantization = quantization
         self.max_rank = max_rank
         self.metrics = metrics
         self.tokenizer = tokenizer
@@ -321,7 +323,8 @@ class JobManager:
                 self._cond.notify_all()
 
         settings = {"spec": job.spec.to_json(), "base_model": str(self.base_model), "device": self.device,
-                    "compute_dtype": self.compute_dtype, "nice": self.config.worker_nice,
+                    "compute_dtype": self.compute_dtype, "quantization": self.quantization,
+                    "nice": self.config.worker_nice,
                     "threads": self.config.worker_threads}
         return WorkerRun(
             job, self.job_dir(job.id), settings, cancel_grace_s=self.config.cancel_grace_s,

@@ -2,7 +2,8 @@
 
     python -m adapterd.training.worker JOB_DIR --events-fd FD
 
-It loads its own NF4 copy of the base model (double quantization), puts LoRA on it with
+It loads its own copy of the base model, quantized as the server's is (--quantization: NF4
+with double quantization by default), puts LoRA on it with
 PEFT, and trains with transformers' Trainer: cosine schedule with warmup, loss on the
 completion tokens only, gradient checkpointing, paged 8-bit AdamW on a GPU (AdamW on the
 CPU), early stopping on the validation loss. With --replay-ratio it first asks the base
@@ -52,6 +53,7 @@ from transformers import (
 )
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
+from adapterd.config import Quantization
 from adapterd.engine.model import default_device, load_base_model, parse_dtype
 from adapterd.training import evaluate, general
 from adapterd.training.data import Example, collate, instruction, read_examples, tokens
@@ -118,8 +120,10 @@ def train(job_dir: Path, settings: dict, events: Events, cancel: threading.Event
     retention_examples = read_examples(job_dir / "retention.jsonl")
     set_seed(spec.seed)
 
-    events.emit("status", message=f"loading the base model in NF4 on {device}")
-    model, tokenizer = prepare_model(settings["base_model"], spec, device, parse_dtype(settings.get("compute_dtype"), device))
+    quantization = settings.get("quantization", "nf4")
+    events.emit("status", message=f"loading the base model ({quantization}) on {device}")
+    model, tokenizer = prepare_model(settings["base_model"], spec, device, parse_dtype(settings.get("compute_dtype"), device),
+                                     quantization)
     if cancel.is_set():
         raise Cancelled
     replay = replay_examples(model, tokenizer, spec, len(train_examples), events)
@@ -244,10 +248,13 @@ def replay_examples(model, tokenizer, spec: TrainingSpec, n_task: int, events: E
     return [replace(e, input_ids=e.input_ids[:cut], labels=e.labels[:cut]) for e in answered]
 
 
-def prepare_model(base_model, spec: TrainingSpec, device: torch.device, compute_dtype: torch.dtype):
-    """(PEFT model, tokenizer): the base in NF4 with double quantization, LoRA on it per
-    `spec`, gradient checkpointing on, ready to train."""
-    model, tokenizer, _ = load_base_model(base_model, device=device, compute_dtype=compute_dtype)
+def prepare_model(base_model, spec: TrainingSpec, device: torch.device, compute_dtype: torch.dtype,
+                  quantization: Quantization = "nf4"):
+    """(PEFT model, tokenizer): the base stored as `quantization` says, as the server serves
+    it (NF4 with double quantization by default), LoRA on it per `spec`, gradient
+    checkpointing on, ready to train."""
+    model, tokenizer, _ = load_base_model(base_model, device=device, compute_dtype=compute_dtype,
+                                          quantization=quantization)
     for module in model.modules():  # no CPU repacking, even after an evaluation: see the module docstring
         if hasattr(module, "support_avx512bf16_for_cpu"):
             module.support_avx512bf16_for_cpu = False
