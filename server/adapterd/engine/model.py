@@ -142,10 +142,14 @@ def model_spec(model, path: Path) -> ModelSpec:
         if shape is not None and not name.endswith("lm_head"):
             shapes[name] = shape
     cfg = json.loads(config_bytes)
+    from adapterd.engine.attention import supports_paged
+    from adapterd.engine.prompts import prompt_shape
+
     return ModelSpec(
         name=cfg.get("_name_or_path") or Path(path).name,
         identity=hashlib.sha256(config_bytes).hexdigest(),
         linear_shapes=shapes,
+        prompt_shape=prompt_shape(model, supports_paged(model)),
     )
 
 
