@@ -14,6 +14,8 @@ What it measures, in one run:
                         over 8 adapters from 16 clients, TTFT p50 and tokens/s
   qlora                 a short QLoRA run (NF4 base, LoRA, paged 8-bit AdamW, bf16) on a small
                         Llama: the loss must fall; first and last loss, tokens/s, peak memory
+  quantization          the other --quantization formats, fp4 and int8: peft_agreement and
+                        decode_tok_s as above, each on a base in that format
 """
 
 from __future__ import annotations
@@ -39,8 +41,8 @@ TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_atte
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def build(config: dict, device: torch.device, dtype: torch.dtype):
-    """A random Llama of `config`, built on `device` and quantized to NF4 in place (no disk)."""
+def build(config: dict, device: torch.device, dtype: torch.dtype, quantization: str = "nf4"):
+    """A random Llama of `config`, built on `device` and quantized in place (no disk)."""
     from adapterd.engine.demo import build_tokenizer
     from adapterd.engine.model import _quantize_leftover_linears
     from transformers import AutoModelForCausalLM, LlamaConfig
@@ -48,20 +50,22 @@ def build(config: dict, device: torch.device, dtype: torch.dtype):
     torch.manual_seed(0)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(LlamaConfig(**config), dtype=dtype)
-    _quantize_leftover_linears(model, dtype, device)
+    _quantize_leftover_linears(model, quantization, dtype, device)
     model.eval().requires_grad_(False)
     return model, build_tokenizer()
 
 
 def random_adapter(slots, seed: int, rank: int):
-    """Rank-`rank` weights for every wrapped layer, in the form the slots load."""
-    from types import SimpleNamespace
+    """Rank-`rank` LoRA weights for every wrapped layer, as the registry's checks give them."""
+    from adapterd.resolve import AdapterWeights
 
     g = torch.Generator().manual_seed(seed)
     tensors = {name: (torch.randn(rank, layer.in_features, generator=g) * 0.02,
                       torch.randn(layer.out_features, rank, generator=g) * 0.02)
                for name, layer in slots.layers.items()}
-    return SimpleNamespace(tensors=tensors, rank=rank, scaling=2.0)
+    nbytes = sum(a.nbytes + b.nbytes for a, b in tensors.values())
+    return AdapterWeights(name=f"random-{seed}", sha256=f"random-{seed}-{rank}", rank=rank, alpha=2.0 * rank,
+                          scaling=2.0, target_modules=TARGETS, tensors=tensors, nbytes=nbytes, config={})
 
 
 def random_adapters(slots, model, n: int, rank: int) -> None:
@@ -115,8 +119,10 @@ def ttft_ms(model, tokenizer, slots, device, tokens: int) -> float:
     return statistics.median(times) * 1000
 
 
-def peft_agreement(device, dtype, config: dict, workdir: Path) -> float:
-    """Our mixed batch vs PeftModel alone per adapter, greedy, on the same NF4 base."""
+def peft_agreement(device, dtype, config: dict, workdir: Path, quantization: str = "nf4") -> float:
+    """Our mixed batch vs PeftModel alone per adapter, greedy, on the same base (NF4 unless
+    `quantization` says otherwise). With int8, LLM.int8's outlier columns are chosen per batch,
+    so rows of a mixed batch may differ from PEFT's one at a time a little more."""
     from adapterd.engine.demo import save_random_model
     from adapterd.engine.generate import Request
     from adapterd.engine.lora import inject_lora
@@ -127,7 +133,9 @@ def peft_agreement(device, dtype, config: dict, workdir: Path) -> float:
     from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    base = save_random_model(workdir / "small", "llama", {**config, "vocab_size": 263}, seed=0)
+    base = workdir / "small"
+    if not base.exists():  # one base and adapter pair for every quantization
+        save_random_model(base, "llama", {**config, "vocab_size": 263}, seed=0)
     adapters = []
     for i in range(2):
         m = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
@@ -138,14 +146,14 @@ def peft_agreement(device, dtype, config: dict, workdir: Path) -> float:
     prompts = [[5 + (7 * i + j) % 200 for j in range(20 + 9 * i)] for i in range(6)]
     want = []
     for i, ids in enumerate(prompts):
-        model, _, _ = load_base_model(base, device=device, compute_dtype=dtype)
+        model, _, _ = load_base_model(base, device=device, compute_dtype=dtype, quantization=quantization)
         slot = i % 3
         if slot:
             model = PeftModel.from_pretrained(model, adapters[slot - 1]).eval()
         out = model.generate(torch.tensor([ids], device=device), max_new_tokens=16, do_sample=False,
                              attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=device))
         want.append(out[0, len(ids):].tolist())
-    model, tokenizer, spec = load_base_model(base, device=device, compute_dtype=dtype)
+    model, tokenizer, spec = load_base_model(base, device=device, compute_dtype=dtype, quantization=quantization)
     slots = inject_lora(model, num_slots=3, max_rank=8)
     for s, path in enumerate(adapters, start=1):
         slots.load(s, read_adapter(path, spec, 8))
@@ -252,6 +260,21 @@ def qlora(device, dtype, config: dict, workdir: Path, steps: int) -> dict:
             "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30 if on_gpu else None}
 
 
+def other_quantization(quantization: str, device, dtype, big: dict, small: dict, workdir: Path, steps: int) -> dict:
+    """peft_agreement and decode_tok_s on a base in `quantization` instead of NF4."""
+    from adapterd.engine.lora import inject_lora
+
+    agreement = peft_agreement(device, dtype, small, workdir, quantization)
+    model, tokenizer = build(big, device, dtype, quantization)
+    slots = inject_lora(model, num_slots=9, max_rank=16)
+    random_adapters(slots, model, 8, 16)
+    rates = decode_rates(model, tokenizer, slots, device, rows=16, steps=steps)
+    del model, slots
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return {"peft_agreement": agreement, "decode_tok_s": rates}
+
+
 def _sync(device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -273,6 +296,7 @@ def main() -> None:
         tmp = Path(tmp)
         out["peft_agreement"] = peft_agreement(device, dtype, small if not args.smoke else TINY, tmp)
         out["qlora"] = qlora(device, dtype, small, tmp, 30 if args.smoke else 40)
+        out["quantization"] = {q: other_quantization(q, device, dtype, big, small, tmp, steps) for q in ("fp4", "int8")}
     from adapterd.engine.lora import inject_lora
     from adapterd.engine.model import model_spec
 
