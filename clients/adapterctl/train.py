@@ -1,7 +1,8 @@
 """`adapterctl train | jobs`: training jobs, and their client library.
 
     train DATA.jsonl --name N [--validation FILE | --val-split F] [--retention-file FILE]
-          [--replay-ratio R] [--min-retention X] [--method lora]
+          [--replay-ratio R] [--min-retention X] [--method lora|ia3|prompt-tuning|prefix-tuning]
+          [--use-dora] [--virtual-tokens N]
           [--epochs] [--lr] [--rank] [--alpha] [--dropout] [--target-modules ...]
           [--batch-size] [--grad-accum] [--max-seq-len] [--seed] [--no-early-stopping] [--wait]
     jobs list [--state S] [--json]      your jobs, newest first
@@ -126,9 +127,12 @@ def register(subparsers) -> None:
                    help="fail the job, publishing nothing, when the adapter keeps less than X (0..1) of the base "
                    "model's ROUGE-L on the retention set (default: 0, no check)")
     p.add_argument("--method", default=None, metavar="METHOD",
-                   help="the adapter kind to train: lora (default; the only one the server serves now)")
+                   help="the adapter kind to train: lora (default), ia3, prompt-tuning or prefix-tuning; "
+                   "the published adapter is of that kind and served at once")
     p.add_argument("--use-dora", action="store_true",
-                   help="train DoRA (weight-decomposed LoRA); refused until the server serves DoRA adapters")
+                   help="with --method lora: train DoRA (weight-decomposed LoRA)")
+    p.add_argument("--virtual-tokens", type=int, default=None, metavar="N",
+                   help="prompt and prefix tuning: the virtual tokens trained (default: 20)")
     p.add_argument("--epochs", type=float, default=None, help="(default: 3)")
     p.add_argument("--lr", type=float, default=None, dest="learning_rate", metavar="LR", help="peak learning rate, cosine schedule with warmup (default: 2e-4)")
     p.add_argument("--rank", type=int, default=None, help="LoRA rank (default: 16)")
@@ -182,7 +186,7 @@ def run_train(args: argparse.Namespace) -> int:
         k: getattr(args, k) for k in (
             "epochs", "learning_rate", "rank", "alpha", "dropout", "target_modules", "batch_size", "grad_accum",
             "max_seq_len", "seed", "val_split", "warmup_ratio", "max_eval_examples", "eval_max_new_tokens",
-            "replay_ratio", "min_retention", "method",
+            "replay_ratio", "min_retention", "method", "virtual_tokens",
         )
     }
     with Client.from_args(args) as client:

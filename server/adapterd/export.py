@@ -1,6 +1,7 @@
 """An adapter merged into its base model: a standalone full-precision model directory.
 
-    W' = W + scaling * B @ A        on every linear layer the adapter targets, in float32
+    W' = W + scaling * B @ A        on every linear layer a LoRA adapter targets, in float32
+                                    (DoRA and IA3 as PEFT merges them: weight_updates)
 
 The server keeps the base model's full-precision weights on disk (it quantizes them to NF4
 only in memory), so it can do the merge where the weights are: shard by shard, each base
@@ -31,6 +32,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 _WEIGHTS = re.compile(r".*\.(safetensors|bin|pt|pth|gguf)$|.*\.safetensors\.index\.json$")
 _SKIPPED = {"gguf-source.json"}  # how adapterd converted the base: not part of the model
 _LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[A-Za-z0-9_-]+)?\.weight$")
+_MAGNITUDE_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_magnitude_vector(?:\.[A-Za-z0-9_-]+)?(?:\.weight)?$")
+_IA3_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.ia3_l(?:\.[A-Za-z0-9_-]+)?$")
 
 
 def parse_dtype(name: str) -> torch.dtype:
@@ -40,30 +43,67 @@ def parse_dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
-def lora_deltas(config_bytes: bytes, weights_bytes: bytes) -> dict[str, torch.Tensor]:
-    """{base weight name: scaling * B @ A} in float32, one per adapted linear layer."""
+def weight_updates(config_bytes: bytes, weights_bytes: bytes) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+    """{base tensor name: its merged value from the float32 base value}, as PEFT merges:
+
+        lora   W' = W + scaling * B @ A
+        dora   W' = m / ||W + scaling * B @ A|| * (W + scaling * B @ A)   (per output row)
+        ia3    W' = W * l per input column (feedforward), else W and its bias * l per output row
+    Prompt and prefix tuning change the model's input, not its weights: nothing to merge."""
     settings = rules.parse_config(config_bytes)
+    if settings.kind in rules.PROMPT_KINDS:
+        raise errors.FailedPrecondition(
+            f"a {settings.kind} adapter cannot be merged into the base model: its virtual tokens are an input, "
+            "not a change to the weights; serve it as it is"
+        )
+    if settings.raw.get("fan_in_fan_out"):  # GPT-2's Conv1D stores W as (in, out)
+        raise errors.FailedPrecondition("fan_in_fan_out adapters (GPT-2 Conv1D layers) cannot be merged here")
     tensors = load(weights_bytes)
-    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    if settings.kind == "ia3":
+        return _ia3_updates(settings, tensors)
+    parts: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
-        m = _LORA_KEY.match(key)
+        m = _LORA_KEY.match(key) or _MAGNITUDE_KEY.match(key)
         if m is None:
-            raise errors.InvalidAdapter(f"adapter tensor {rules.quote(key)} is not a LoRA A or B weight")
-        pairs.setdefault(m["module"], {})[m["ab"]] = tensor
-    transposed = bool(settings.raw.get("fan_in_fan_out"))  # GPT-2's Conv1D stores W as (in, out)
-    deltas = {}
-    for module, ab in pairs.items():
-        if set(ab) != {"A", "B"}:
-            raise errors.InvalidAdapter(f"adapter module {rules.quote(module)} has lora_{''.join(ab)} only")
-        delta = settings.scaling * (ab["B"].float() @ ab["A"].float())  # (out, r) @ (r, in) -> (out, in)
-        deltas[f"{module}.weight"] = delta.T if transposed else delta
-    return deltas
+            raise errors.InvalidAdapter(f"adapter tensor {rules.quote(key)} is not a LoRA A/B weight or DoRA magnitude")
+        parts.setdefault(m["module"], {})[m.groupdict().get("ab") or "m"] = tensor.float()
+    updates = {}
+    for module, ab in parts.items():
+        if not {"A", "B"} <= set(ab):
+            raise errors.InvalidAdapter(f"adapter module {rules.quote(module)} lacks lora_A or lora_B")
+        delta = settings.scaling * (ab["B"] @ ab["A"])  # (out, r) @ (r, in) -> (out, in)
+        updates[f"{module}.weight"] = _dora(delta, ab["m"]) if "m" in ab else (lambda w, d=delta: w + d)
+    return updates
+
+
+def _dora(delta: torch.Tensor, magnitude: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    def merged(w: torch.Tensor) -> torch.Tensor:
+        full = w + delta
+        return (magnitude / torch.linalg.norm(full, dim=1))[:, None] * full
+    return merged
+
+
+def _ia3_updates(settings, tensors: dict[str, torch.Tensor]) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+    ff = settings.feedforward_modules
+    updates = {}
+    for key, tensor in tensors.items():
+        m = _IA3_KEY.match(key)
+        if m is None:
+            raise errors.InvalidAdapter(f"adapter tensor {rules.quote(key)} is not an IA3 vector")
+        module, vector = m["module"], tensor.float().flatten()
+        feedforward = any(module == f or module.endswith("." + f) for f in ff) if isinstance(ff, list) else tensor.shape[0] == 1
+        if feedforward:
+            updates[f"{module}.weight"] = lambda w, v=vector: w * v[None, :]
+        else:
+            updates[f"{module}.weight"] = lambda w, v=vector: w * v[:, None]
+            updates[f"{module}.bias?"] = lambda b, v=vector: b * v  # only where the base has a bias
+    return updates
 
 
 def merge(base_dir: Path, config_bytes: bytes, weights_bytes: bytes, out_dir: Path, *,
           dtype: torch.dtype = torch.float32, on_progress: Callable[[str], None] = lambda message: None) -> None:
     """Write the merged model into `out_dir` (which must not exist yet)."""
-    deltas = lora_deltas(config_bytes, weights_bytes)
+    updates = weight_updates(config_bytes, weights_bytes)
     index = base_dir / "model.safetensors.index.json"
     shards = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
     if not all((base_dir / s).is_file() for s in shards):
@@ -75,18 +115,19 @@ def merge(base_dir: Path, config_bytes: bytes, weights_bytes: bytes, out_dir: Pa
         on_progress(f"merging shard {i}/{len(shards)}")
         state = load_file(base_dir / shard)
         for name, tensor in state.items():
-            delta = deltas.pop(name, None)
-            if delta is not None:
-                if delta.shape != tensor.shape:
-                    raise errors.AdapterMismatch(
-                        f"{name}: the adapter's update is {tuple(delta.shape)}, the base weight {tuple(tensor.shape)}"
-                    )
-                tensor = tensor.float() + delta
+            update = updates.pop(name, None) or updates.pop(f"{name}?", None)
+            if update is not None:
+                try:
+                    tensor = update(tensor.float())
+                except RuntimeError as e:  # shapes that do not broadcast: another base model
+                    raise errors.AdapterMismatch(f"{name}: the adapter does not fit the base weight "
+                                                 f"{tuple(tensor.shape)}: {e}") from e
             state[name] = tensor.to(dtype).contiguous() if tensor.is_floating_point() else tensor
         save_file(state, out_dir / shard, metadata={"format": "pt"})
-    if deltas:  # e.g. a tied lm_head the base stores only as its embeddings
+    missing = sorted(n for n in updates if not n.endswith("?"))
+    if missing:  # e.g. a tied lm_head the base stores only as its embeddings
         raise errors.AdapterMismatch(
-            f"the base model has no stored weight for {', '.join(sorted(deltas)[:3])}: the adapter cannot be merged"
+            f"the base model has no stored weight for {', '.join(missing[:3])}: the adapter cannot be merged"
         )
     for path in sorted(base_dir.iterdir()):
         if path.is_file() and path.name not in _SKIPPED and not _WEIGHTS.match(path.name) and path.name != "config.json":

@@ -86,3 +86,28 @@ def test_export_errors(server, tmp_path):
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "float32" in e.value.details()
     (tmp_path / "taken").mkdir()
     assert cli.main(["--addr", s.addr, "export", "sql", "--merged", str(tmp_path / "taken")]) == 2
+
+
+@pytest.mark.parametrize("kind", ["dora", "ia3"])
+def test_dora_and_ia3_exports_equal_peft_merge(kind, server, tiny_base, kind_adapter_factory, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    s, _ = server
+    adapter = kind_adapter_factory(tiny_base, "llama", kind, seed=61)
+    s.registry.push("default", kind, adapter)
+    out = tmp_path / f"{kind}-merged"
+    assert cli.main(["--addr", s.addr, "export", kind, "--merged", str(out)]) == 0
+    base = AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32)
+    base_logits = logits(base)
+    expected = logits(PeftModel.from_pretrained(base, adapter).merge_and_unload())
+    assert (expected - base_logits).abs().max() > 1e-2
+    torch.testing.assert_close(logits(AutoModelForCausalLM.from_pretrained(out)), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_prompt_tuning_cannot_be_merged(server, tiny_base, kind_adapter_factory, tmp_path, capsys):
+    s, _ = server
+    s.registry.push("default", "prompt", kind_adapter_factory(tiny_base, "llama", "prompt_tuning", seed=62))
+    assert cli.main(["--addr", s.addr, "export", "prompt", "--merged", str(tmp_path / "p")]) == 19  # FAILED_PRECONDITION
+    assert "virtual tokens are an input" in capsys.readouterr().err
+    assert not (tmp_path / "p").exists()

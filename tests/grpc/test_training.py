@@ -227,9 +227,9 @@ def test_bad_validation_file_and_spec(server, tmp_path):
         ({"rank": 64}, "--rank 64 is above this server's --max-rank 16"),
         ({"target_modules": ["q_proj", "wq"]}, "--target-modules: the base model has no linear module named wq"),
         ({"learning_rate": 0.0}, "--lr must be in (0, 1]"),
-        ({"method": "ia3"}, "--method ia3: this server cannot serve ia3 adapters yet, so it does not train them; "
-                            "supported now: lora"),
-        ({"use_dora": True}, "--use-dora: this server cannot serve DoRA adapters yet"),
+        ({"method": "loha"}, "unknown --method 'loha'; one of lora, ia3, prompt-tuning, prefix-tuning"),
+        ({"method": "ia3", "use_dora": True}, "--use-dora is a LoRA option (DoRA); it cannot be combined with --method ia3"),
+        ({"method": "prompt-tuning", "virtual_tokens": 500}, "--virtual-tokens must be in 1..128"),
         ({"replay_ratio": -1.0}, "--replay-ratio must be in [0, 10]"),
     ):
         with pytest.raises(grpc.RpcError) as e:
@@ -238,6 +238,50 @@ def test_bad_validation_file_and_spec(server, tmp_path):
     with pytest.raises(grpc.RpcError) as e:
         server.training.GetJob(tpb.GetJobRequest(job_id="ftjob-nope"))
     assert e.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+@pytest.mark.parametrize("method,use_dora,kind", [
+    ("lora", True, "dora"), ("ia3", False, "ia3"), ("prompt-tuning", False, "prompt_tuning"),
+    ("prefix-tuning", False, "prefix_tuning"),
+])
+def test_each_method_trains_publishes_its_kind_and_serves_peft_tokens(method, use_dora, kind, server, tmp_path,
+                                                                     monkeypatch):
+    """A short job of each method: the published adapter is of that kind, served at once, and
+    its served greedy tokens equal PeftModel's with the saved adapter (one forward per token)."""
+    import peft.tuners.lora.dora
+    import torch
+    from adapterd.engine.model import load_base_model
+    from adapterd.engine.variants import dense_weight
+    from peft import PeftModel
+
+    retention = write_jsonl(tmp_path / "general.jsonl", [{"prompt": prompt(q), "completion": a} for q, a in GENERAL])
+    client = TrainingClient(Client(server.addr))
+    name = f"m-{kind.replace('_', '-')}"
+    job = client.create(pairs_file(tmp_path), name=name, validation=pairs_file(tmp_path), retention=retention,
+                        epochs=3, learning_rate=3e-2 if method.endswith("tuning") else 3e-3, batch_size=4,
+                        method=method, use_dora=use_dora or None, virtual_tokens=4,
+                        max_eval_examples=2, eval_max_new_tokens=8)
+    watch(server, job.id)
+    job = client.get(job.id)
+    assert job.state == tpb.SUCCEEDED, job.error
+    meta = server.adapters.GetAdapter(apb.GetAdapterRequest(adapter=job.adapter))
+    assert meta.kind == kind and meta.virtual_tokens == (4 if method.endswith("tuning") else 0)
+
+    text = prompt(PAIRS[0][0])
+    served = server.inference.Generate(request(text, name, max_new_tokens=8, ignore_eos=True))
+    version = server.registry.resolve("default", job.adapter)
+    saved = tmp_path / "saved"
+    saved.mkdir()
+    for fname, data in server.registry.read_files(version).items():
+        (saved / fname).write_bytes(data)
+    monkeypatch.setattr(peft.tuners.lora.dora, "dequantize_module_weight", dense_weight)  # see test_adapter_kinds
+    model, tokenizer, _ = load_base_model(server.jobs.base_model)
+    peft_model = PeftModel.from_pretrained(model, saved).eval()
+    ids = tokenizer(text)["input_ids"]
+    with torch.no_grad():
+        for _ in range(8):
+            ids.append(int(peft_model(input_ids=torch.tensor([ids])).logits[0, -1].argmax()))
+    assert list(served.token_ids) == ids[-8:]
 
 
 def test_a_killed_worker_fails_its_job_and_inference_carries_on(server, tmp_path):

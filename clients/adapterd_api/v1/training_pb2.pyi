@@ -203,6 +203,7 @@ class Hyperparameters(_message.Message):
     MIN_RETENTION_FIELD_NUMBER: _builtins.int
     METHOD_FIELD_NUMBER: _builtins.int
     USE_DORA_FIELD_NUMBER: _builtins.int
+    VIRTUAL_TOKENS_FIELD_NUMBER: _builtins.int
     epochs: _builtins.float
     """3"""
     learning_rate: _builtins.float
@@ -243,11 +244,17 @@ class Hyperparameters(_message.Message):
     0 = no check
     """
     method: _builtins.str
-    """The adapter kind trained: "lora" (the default; the only one served now). Others are
-    INVALID_ARGUMENT naming what is supported.
+    """The adapter kind trained: "lora" (the default), "ia3", "prompt-tuning" or
+    "prefix-tuning"; anything else is INVALID_ARGUMENT naming these. rank, alpha, dropout
+    and target_modules are LoRA's (IA3 takes target_modules too; "all-linear" there means
+    PEFT's default modules for the model).
     """
     use_dora: _builtins.bool
-    """DoRA: not served yet, so INVALID_ARGUMENT when set."""
+    """DoRA (weight-decomposed LoRA), with method "lora" only."""
+    virtual_tokens: _builtins.int
+    """Prompt and prefix tuning: the virtual tokens trained (1..128).
+    20
+    """
     @_builtins.property
     def target_modules(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """"all-linear" (the default), or module names such as q_proj, v_proj."""
@@ -274,10 +281,11 @@ class Hyperparameters(_message.Message):
         min_retention: _builtins.float | None = ...,
         method: _builtins.str = ...,
         use_dora: _builtins.bool = ...,
+        virtual_tokens: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_alpha", b"_alpha", "_batch_size", b"_batch_size", "_dropout", b"_dropout", "_epochs", b"_epochs", "_eval_max_new_tokens", b"_eval_max_new_tokens", "_grad_accum", b"_grad_accum", "_learning_rate", b"_learning_rate", "_max_eval_examples", b"_max_eval_examples", "_max_seq_len", b"_max_seq_len", "_min_retention", b"_min_retention", "_rank", b"_rank", "_replay_ratio", b"_replay_ratio", "_seed", b"_seed", "_val_split", b"_val_split", "_warmup_ratio", b"_warmup_ratio", "alpha", b"alpha", "batch_size", b"batch_size", "dropout", b"dropout", "epochs", b"epochs", "eval_max_new_tokens", b"eval_max_new_tokens", "grad_accum", b"grad_accum", "learning_rate", b"learning_rate", "max_eval_examples", b"max_eval_examples", "max_seq_len", b"max_seq_len", "min_retention", b"min_retention", "rank", b"rank", "replay_ratio", b"replay_ratio", "seed", b"seed", "val_split", b"val_split", "warmup_ratio", b"warmup_ratio"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_alpha", b"_alpha", "_batch_size", b"_batch_size", "_dropout", b"_dropout", "_epochs", b"_epochs", "_eval_max_new_tokens", b"_eval_max_new_tokens", "_grad_accum", b"_grad_accum", "_learning_rate", b"_learning_rate", "_max_eval_examples", b"_max_eval_examples", "_max_seq_len", b"_max_seq_len", "_min_retention", b"_min_retention", "_rank", b"_rank", "_replay_ratio", b"_replay_ratio", "_seed", b"_seed", "_val_split", b"_val_split", "_virtual_tokens", b"_virtual_tokens", "_warmup_ratio", b"_warmup_ratio", "alpha", b"alpha", "batch_size", b"batch_size", "dropout", b"dropout", "epochs", b"epochs", "eval_max_new_tokens", b"eval_max_new_tokens", "grad_accum", b"grad_accum", "learning_rate", b"learning_rate", "max_eval_examples", b"max_eval_examples", "max_seq_len", b"max_seq_len", "min_retention", b"min_retention", "rank", b"rank", "replay_ratio", b"replay_ratio", "seed", b"seed", "val_split", b"val_split", "virtual_tokens", b"virtual_tokens", "warmup_ratio", b"warmup_ratio"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_alpha", b"_alpha", "_batch_size", b"_batch_size", "_dropout", b"_dropout", "_epochs", b"_epochs", "_eval_max_new_tokens", b"_eval_max_new_tokens", "_grad_accum", b"_grad_accum", "_learning_rate", b"_learning_rate", "_max_eval_examples", b"_max_eval_examples", "_max_seq_len", b"_max_seq_len", "_min_retention", b"_min_retention", "_rank", b"_rank", "_replay_ratio", b"_replay_ratio", "_seed", b"_seed", "_val_split", b"_val_split", "_warmup_ratio", b"_warmup_ratio", "alpha", b"alpha", "batch_size", b"batch_size", "dropout", b"dropout", "epochs", b"epochs", "eval_max_new_tokens", b"eval_max_new_tokens", "grad_accum", b"grad_accum", "learning_rate", b"learning_rate", "max_eval_examples", b"max_eval_examples", "max_seq_len", b"max_seq_len", "method", b"method", "min_retention", b"min_retention", "no_early_stopping", b"no_early_stopping", "rank", b"rank", "replay_ratio", b"replay_ratio", "seed", b"seed", "target_modules", b"target_modules", "use_dora", b"use_dora", "val_split", b"val_split", "warmup_ratio", b"warmup_ratio"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_alpha", b"_alpha", "_batch_size", b"_batch_size", "_dropout", b"_dropout", "_epochs", b"_epochs", "_eval_max_new_tokens", b"_eval_max_new_tokens", "_grad_accum", b"_grad_accum", "_learning_rate", b"_learning_rate", "_max_eval_examples", b"_max_eval_examples", "_max_seq_len", b"_max_seq_len", "_min_retention", b"_min_retention", "_rank", b"_rank", "_replay_ratio", b"_replay_ratio", "_seed", b"_seed", "_val_split", b"_val_split", "_virtual_tokens", b"_virtual_tokens", "_warmup_ratio", b"_warmup_ratio", "alpha", b"alpha", "batch_size", b"batch_size", "dropout", b"dropout", "epochs", b"epochs", "eval_max_new_tokens", b"eval_max_new_tokens", "grad_accum", b"grad_accum", "learning_rate", b"learning_rate", "max_eval_examples", b"max_eval_examples", "max_seq_len", b"max_seq_len", "method", b"method", "min_retention", b"min_retention", "no_early_stopping", b"no_early_stopping", "rank", b"rank", "replay_ratio", b"replay_ratio", "seed", b"seed", "target_modules", b"target_modules", "use_dora", b"use_dora", "val_split", b"val_split", "virtual_tokens", b"virtual_tokens", "warmup_ratio", b"warmup_ratio"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__alpha: _TypeAlias = _typing.Literal["alpha"]  # noqa: Y015
     _WhichOneofArgType__alpha: _TypeAlias = _typing.Literal["_alpha", b"_alpha"]  # noqa: Y015
@@ -307,6 +315,8 @@ class Hyperparameters(_message.Message):
     _WhichOneofArgType__seed: _TypeAlias = _typing.Literal["_seed", b"_seed"]  # noqa: Y015
     _WhichOneofReturnType__val_split: _TypeAlias = _typing.Literal["val_split"]  # noqa: Y015
     _WhichOneofArgType__val_split: _TypeAlias = _typing.Literal["_val_split", b"_val_split"]  # noqa: Y015
+    _WhichOneofReturnType__virtual_tokens: _TypeAlias = _typing.Literal["virtual_tokens"]  # noqa: Y015
+    _WhichOneofArgType__virtual_tokens: _TypeAlias = _typing.Literal["_virtual_tokens", b"_virtual_tokens"]  # noqa: Y015
     _WhichOneofReturnType__warmup_ratio: _TypeAlias = _typing.Literal["warmup_ratio"]  # noqa: Y015
     _WhichOneofArgType__warmup_ratio: _TypeAlias = _typing.Literal["_warmup_ratio", b"_warmup_ratio"]  # noqa: Y015
     @_typing.overload
@@ -337,6 +347,8 @@ class Hyperparameters(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__seed) -> _WhichOneofReturnType__seed | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__val_split) -> _WhichOneofReturnType__val_split | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__virtual_tokens) -> _WhichOneofReturnType__virtual_tokens | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__warmup_ratio) -> _WhichOneofReturnType__warmup_ratio | None: ...
 

@@ -54,7 +54,8 @@ def completion_loss(model, tokenizer, examples: list[Example], batch_size: int) 
     for start in range(0, len(examples), batch_size):
         batch = collate([tokens(e, tokenizer) for e in examples[start : start + batch_size]], tokenizer.pad_token_id)
         batch = {k: v.to(device) for k, v in batch.items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = logits[:, -batch["input_ids"].shape[1]:]  # (B, T, V): prompt tuning's virtual tokens come first
         targets = batch["labels"][:, 1:]  # (B, T-1): token t is predicted at position t-1
         total += torch.nn.functional.cross_entropy(
             logits[:, :-1].float().transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="sum"
@@ -84,7 +85,10 @@ def generate_ids(model, tokenizer, examples: list[Example], *, batch_size: int, 
             attention_mask=attention_mask.to(device),
             max_new_tokens=max_new_tokens,
             do_sample=False,
-            use_cache=True,  # training with gradient checkpointing turned the model's default off
+            # Training with gradient checkpointing turned the model's default off. Prompt learning
+            # without a cache: with one, PEFT's generate() gives other tokens than its own forward
+            # after the first (PEFT 0.21, transformers 5.24), and the server serves the forward's.
+            use_cache=not _prompt_learning(model),
             eos_token_id=sorted(stops),  # where serving stops: end of turn too
             pad_token_id=tokenizer.pad_token_id,
         )  # (B, T + new)
@@ -92,6 +96,11 @@ def generate_ids(model, tokenizer, examples: list[Example], *, batch_size: int, 
             end = next((i + 1 for i, t in enumerate(row) if t in stops), len(row))
             outputs.append(row[:end])  # a finished row's padding dropped
     return outputs
+
+
+def _prompt_learning(model) -> bool:
+    config = getattr(model, "active_peft_config", None)
+    return bool(getattr(config, "is_prompt_learning", False))
 
 
 def generate(model, tokenizer, examples: list[Example], *, batch_size: int, max_new_tokens: int) -> list[str]:

@@ -15,14 +15,13 @@ import json
 import math
 from dataclasses import asdict, dataclass, fields
 
-from adapterd_rules import MAX_SCALING, check_name, check_text, quote
+from adapterd_rules import DEFAULT_MAX_VIRTUAL_TOKENS, MAX_SCALING, check_name, check_text, quote
 
 from adapterd.errors import InvalidArgument
 
 ALL_LINEAR = "all-linear"
-METHODS = ("lora",)  # what a job trains: the adapter kinds the engine serves
-# The seeds' other methods, refused by name until the engine serves their adapters.
-NOT_SERVED_YET = ("ia3", "prompt-tuning", "prefix-tuning")
+# What a job trains: the adapter kinds the engine serves (--use-dora makes a lora job DoRA).
+METHODS = ("lora", "ia3", "prompt-tuning", "prefix-tuning")
 MAX_REPLAY_RATIO = 10.0
 
 
@@ -52,6 +51,7 @@ class TrainingSpec:
     min_retention: float = 0.0  # fail the job, unpublished, when retention is below this; 0 = no check
     method: str = "lora"
     use_dora: bool = False
+    virtual_tokens: int = 20  # prompt and prefix tuning
 
     def __post_init__(self):
         object.__setattr__(self, "target_modules", tuple(self.target_modules))
@@ -107,14 +107,18 @@ class TrainingSpec:
             f"--min-retention must be in [0, 1] (the adapter's share of the base model's ROUGE-L on the "
             f"retention set; 0 = no check); got {self.min_retention}",
         )
-        if self.method in NOT_SERVED_YET:
-            raise InvalidArgument(
-                f"--method {self.method}: this server cannot serve {self.method} adapters yet, so it does not "
-                f"train them; supported now: {', '.join(METHODS)}"
-            )
-        _need(self.method in METHODS, f"unknown --method {quote(self.method)}; supported now: {', '.join(METHODS)}")
-        _need(not self.use_dora, "--use-dora: this server cannot serve DoRA adapters yet, so it does not train "
-              "them; train plain LoRA (leave --use-dora off)")
+        _need(self.method in METHODS, f"unknown --method {quote(self.method)}; one of {', '.join(METHODS)}")
+        _need(not self.use_dora or self.method == "lora",
+              f"--use-dora is a LoRA option (DoRA); it cannot be combined with --method {self.method}")
+        _need(1 <= self.virtual_tokens <= DEFAULT_MAX_VIRTUAL_TOKENS,
+              f"--virtual-tokens must be in 1..{DEFAULT_MAX_VIRTUAL_TOKENS}; got {self.virtual_tokens}")
+
+    @property
+    def kind(self) -> str:
+        """The kind of adapter the job publishes (adapterd_rules.KINDS)."""
+        if self.method == "lora":
+            return "dora" if self.use_dora else "lora"
+        return self.method.replace("-", "_")
 
     @property
     def peft_target_modules(self) -> str | list[str]:

@@ -43,7 +43,14 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+from peft import (
+    IA3Config,
+    LoraConfig,
+    PrefixTuningConfig,
+    PromptTuningConfig,
+    get_peft_model,
+    prepare_model_for_kbit_training,
+)
 from transformers import (
     EarlyStoppingCallback,
     Trainer,
@@ -57,7 +64,7 @@ from adapterd.config import Quantization
 from adapterd.engine.model import default_device, load_base_model, parse_dtype
 from adapterd.training import evaluate, general
 from adapterd.training.data import Example, collate, instruction, read_examples, tokens
-from adapterd.training.spec import TrainingSpec
+from adapterd.training.spec import ALL_LINEAR, TrainingSpec
 
 EXIT_OK, EXIT_ERROR, EXIT_CANCELLED = 0, 1, 3
 EVALS_PER_RUN = 10  # validation-loss evaluations over a run (early stopping looks at these)
@@ -146,7 +153,7 @@ def train(job_dir: Path, settings: dict, events: Events, cancel: threading.Event
         per_device_train_batch_size=spec.batch_size,
         per_device_eval_batch_size=spec.batch_size,
         gradient_accumulation_steps=spec.grad_accum,
-        gradient_checkpointing=True,
+        gradient_checkpointing=checkpointing(spec),
         gradient_checkpointing_kwargs={"use_reentrant": False},
         optim="paged_adamw_8bit" if on_gpu else "adamw_torch",
         bf16=on_gpu and model.dtype == torch.bfloat16,
@@ -259,13 +266,37 @@ def prepare_model(base_model, spec: TrainingSpec, device: torch.device, compute_
         if hasattr(module, "support_avx512bf16_for_cpu"):
             module.support_avx512bf16_for_cpu = False
     model = prepare_model_for_kbit_training(
-        model, use_gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False}
+        model, use_gradient_checkpointing=checkpointing(spec), gradient_checkpointing_kwargs={"use_reentrant": False}
     )
-    model = get_peft_model(model, LoraConfig(
-        r=spec.rank, lora_alpha=spec.alpha, lora_dropout=spec.dropout, target_modules=spec.peft_target_modules,
-        bias="none", task_type="CAUSAL_LM",
-    ))
+    model = get_peft_model(model, peft_config(spec))
     return model, tokenizer
+
+
+def checkpointing(spec: TrainingSpec) -> bool:
+    """Gradient checkpointing, except for prefix tuning, which PEFT refuses it for (its keys
+    and values enter every layer through the cache)."""
+    return spec.method != "prefix-tuning"
+
+
+# IA3's feedforward modules (their input is scaled) where a job names its own target modules.
+FEEDFORWARD_NAMES = ("down_proj", "fc2", "dense_4h_to_h", "w2", "c_proj")
+
+
+def peft_config(spec: TrainingSpec):
+    """The PEFT config of the job's method: LoRA (DoRA with --use-dora), IA3, prompt or prefix tuning."""
+    if spec.method == "lora":
+        return LoraConfig(r=spec.rank, lora_alpha=spec.alpha, lora_dropout=spec.dropout,
+                          target_modules=spec.peft_target_modules, bias="none", task_type="CAUSAL_LM",
+                          use_dora=spec.use_dora)
+    if spec.method == "ia3":
+        if spec.target_modules == (ALL_LINEAR,):  # PEFT's defaults for the model: attention k/v and the MLP's output
+            return IA3Config(task_type="CAUSAL_LM")
+        targets = list(spec.target_modules)
+        return IA3Config(task_type="CAUSAL_LM", target_modules=targets,
+                         feedforward_modules=[t for t in targets if t in FEEDFORWARD_NAMES])
+    if spec.method == "prompt-tuning":
+        return PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=spec.virtual_tokens)
+    return PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=spec.virtual_tokens)
 
 
 def total_steps(n_train: int, spec: TrainingSpec) -> int:
