@@ -19,6 +19,8 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
+from adapterd_rules import DEFAULT_MAX_VIRTUAL_TOKENS
+
 from adapterd.flags import Flags, flag
 
 if TYPE_CHECKING:
@@ -334,6 +336,12 @@ class RegistryConfig(Flags):
         "--max-adapter-bytes", 2**30, "largest adapter a push may upload, files together (default: %(default)s)",
         metavar="BYTES",
     )
+    max_virtual_tokens: int = flag(
+        "--max-virtual-tokens", DEFAULT_MAX_VIRTUAL_TOKENS,
+        "most virtual tokens a prompt- or prefix-tuning adapter may put before every prompt; a push with "
+        "more is refused (default: %(default)s)",
+        metavar="N",
+    )
     refresh_s: float | None = flag(  # None: 0 for a directory, 2 s for S3
         "--registry-refresh", None,
         "how long the versions of a name are cached before the store is asked again; "
@@ -366,6 +374,7 @@ class RegistryConfig(Flags):
             except OSError as e:
                 raise ConfigError(f"--s3-secret-access-key-file {self.s3_secret_file}: {e.strerror}") from e
         _check(self.max_adapter_bytes >= 1, f"--max-adapter-bytes must be >= 1; got {self.max_adapter_bytes}")
+        _check(self.max_virtual_tokens >= 1, f"--max-virtual-tokens must be >= 1; got {self.max_virtual_tokens}")
         _check(self.refresh_s is None or self.refresh_s >= 0, f"--registry-refresh must be >= 0; got {self.refresh_s}")
         _check(self.deleted_grace_s >= 0, f"--deleted-grace must be >= 0; got {self.deleted_grace_s}")
 

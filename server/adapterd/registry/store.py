@@ -565,7 +565,7 @@ def open_registry(config, *, max_rank: int | None, spec=None) -> Registry:
     s3 = S3Options(config.s3_endpoint, config.s3_region, config.s3_access_key_id, config.s3_secret)
     return Registry(
         open_storage(config.location, s3), spec=spec, max_rank=max_rank, max_bytes=config.max_adapter_bytes,
-        max_virtual_tokens=getattr(config, "max_virtual_tokens", None),
+        max_virtual_tokens=config.max_virtual_tokens,
         list_ttl_s=config.list_ttl_s, deleted_grace_s=config.deleted_grace_s, require_spec=True,
     )
 

@@ -35,5 +35,6 @@ def open_jobs(config, registry, metrics=None):
     return JobManager(
         config.training, base_model=base_model_dir(config.model.base_model), device=config.model.device,
         compute_dtype=config.model.compute_dtype, quantization=config.model.quantization, max_rank=config.cache.max_rank,
+        max_virtual_tokens=config.registry.max_virtual_tokens,
         publish=registry_publisher(registry), metrics=metrics,
     ).start()

@@ -45,10 +45,11 @@ class JobManager:
 
     def __init__(self, config: TrainingConfig, *, base_model: Path, publish: Publish, device: str = "auto",
                  compute_dtype: str = "auto", quantization: Quantization = "nf4", max_rank: int | None = None,
-                 tokenizer=None, module_names: Iterable[str] = (), metrics=None):
+                 max_virtual_tokens: int | None = None, tokenizer=None, module_names: Iterable[str] = (), metrics=None):
         """`base_model`: the served base model's directory (each worker loads its own copy,
         on `device` in `compute_dtype`, stored as `quantization`: as the server serves it);
-        `max_rank`: the server's --max-rank (a larger adapter could not be served);
+        `max_rank`: the server's --max-rank (a larger adapter could not be served), and
+        `max_virtual_tokens` its --max-virtual-tokens;
         `tokenizer`: the base model's, to check example lengths (default: loaded from
         base_model at start); `module_names`: the base model's linear
         modules, to check --target-modules before a job is queued (or later,
@@ -60,6 +61,7 @@ class JobManager:
         self.compute_dtype = compute_dtype
         self.quantization = quantization
         self.max_rank = max_rank
+        self.max_virtual_tokens = max_virtual_tokens
         self.metrics = metrics
         self.tokenizer = tokenizer
         self.publish = publish
@@ -243,6 +245,12 @@ class JobManager:
             raise InvalidArgument(
                 f"--rank {spec.rank} is above this server's --max-rank {self.max_rank}: "
                 "the adapter could not be served"
+            )
+        if (spec.method.endswith("tuning") and self.max_virtual_tokens is not None
+                and spec.virtual_tokens > self.max_virtual_tokens):
+            raise InvalidArgument(
+                f"--virtual-tokens {spec.virtual_tokens} is above this server's --max-virtual-tokens "
+                f"{self.max_virtual_tokens}: the adapter could not be served"
             )
         if spec.target_modules != (ALL_LINEAR,) and self.module_names:
             unknown = [m for m in spec.target_modules if m not in self.module_names]
