@@ -16,10 +16,10 @@ the same settings, alternated in one run. Prints one JSON object; numbers are me
 
     python bench/train.py [--runs 3] [--examples 64] [--epochs 3] [--batch-size 8] [--base-model DIR|FILE.gguf|demo]
 
-Training beside serving (--latency): for each worker setting (--training-nice and
---training-threads of `adapterd serve`), streamed requests' p95 TTFT and time per output
+Training beside serving (--latency): for each worker setting (--training-share and
+--training-nice of `adapterd serve`), streamed requests' p95 TTFT and time per output
 token on the idle server, then again while a job trains, and their ratios (target: each
-<= 1.5 on 2 cores).
+<= 1.5 on 2 cores), with the training steps the job made meanwhile.
 
     python bench/train.py --latency [--requests 16] [--clients 4] [--new-tokens 32] [--base-model ...]
 """
@@ -128,7 +128,7 @@ class Service:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "adapterd", "serve", "--port", "0", "--port-file", str(port_file),
                  "--base-model", str(base_model), "--registry", str(root / "registry"),
-                 "--jobs-dir", str(root / "jobs"), *flags],
+                 "--jobs-dir", str(root / "jobs"), "--metrics-port", "-1", *flags],  # another bench may hold 9400
                 stdout=subprocess.DEVNULL, stderr=log,
             )
         deadline = time.monotonic() + 300
@@ -170,9 +170,9 @@ class Service:
 # ---- training beside serving ------------------------------------------------------------------
 
 WORKER_SETTINGS = {  # name -> adapterd serve flags for the training worker
-    "nice 10, every core": ("--training-nice", "10"),
-    "nice 19, every core": ("--training-nice", "19"),
-    "nice 19, 1 thread": ("--training-nice", "19", "--training-threads", "1"),
+    "paused while serving (the default)": (),
+    "share 0.1 while serving": ("--training-share", "0.1"),
+    "never paused, nice 19": ("--training-share", "1", "--training-nice", "19"),
 }
 
 

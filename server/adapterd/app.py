@@ -204,6 +204,7 @@ async def serve(config: Config) -> int:
     engine.on_ready(lambda: setattr(registry, "spec", engine.cache.spec))  # pushes are checked against it
     jobs = await asyncio.to_thread(open_jobs, config, registry, metrics)
     engine.on_ready(lambda: jobs.set_module_names(engine.cache.spec.linear_shapes))
+    jobs.pace(lambda: engine.busy)  # training pauses while requests are served (--training-share)
     lifecycle = Lifecycle(engine)
     limiter = make_limiter(config, metrics)
     server, port = create_server(

@@ -557,8 +557,16 @@ class TrainingConfig(Flags):
         "--training-threads", 0, "CPU threads of each training worker's torch; fewer leave cores to inference "
         "(default: %(default)s, torch's own choice: every core)", metavar="N",
     )
+    share: float = flag(
+        "--training-share", 0.0,
+        "training workers are paused while the server has requests to serve, and run in the gaps; this "
+        "share (0..1) of every 10 s they still run though requests keep coming, so training never starves "
+        "(default: %(default)s: only in the gaps; 1: never paused, training and inference compete)",
+        metavar="F",
+    )
 
     def __post_init__(self):
+        _check(0 <= self.share <= 1, f"--training-share must be in [0, 1]; got {self.share}")
         _check(self.max_concurrent_jobs >= 1, f"--max-concurrent-jobs must be >= 1; got {self.max_concurrent_jobs}")
         _check(self.max_dataset_bytes >= 1, f"--max-dataset-bytes must be >= 1; got {self.max_dataset_bytes}")
         _check(0 <= self.worker_nice <= 19, f"--training-nice must be in 0..19; got {self.worker_nice}")

@@ -254,6 +254,11 @@ class EngineLoop:
         parts = [mixing.MixPart(self.resolver.resolve(tenant, ref), weight) for ref, weight in mix]
         return mixing.resolved_mix(parts, combination)
 
+    @property
+    def busy(self) -> bool:
+        """Whether requests are running or waiting (any thread: a racy read, at most one step old)."""
+        return bool(self._running) or self._queued > 0 or bool(self._inbox)
+
     def forget_adapter(self, key: str) -> None:
         """An adapter version was deleted or replaced: drop its cached prefix blocks (any
         thread; done at the next step boundary). Running rows keep the blocks they hold."""

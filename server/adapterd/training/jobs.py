@@ -28,6 +28,7 @@ from adapterd_rules import quote
 from adapterd.config import Quantization, TrainingConfig
 from adapterd.errors import InvalidArgument, NotFound
 from adapterd.training import data, general
+from adapterd.training.pacing import Pacer
 from adapterd.training.runner import WorkerRun
 from adapterd.training.spec import ALL_LINEAR, TrainingSpec
 from adapterd.training.store import ACTIVE, STATES, TERMINAL, Event, Job, JobStore
@@ -62,6 +63,7 @@ class JobManager:
         self.quantization = quantization
         self.max_rank = max_rank
         self.max_virtual_tokens = max_virtual_tokens
+        self._pacer: Pacer | None = None
         self.metrics = metrics
         self.tokenizer = tokenizer
         self.publish = publish
@@ -100,6 +102,8 @@ class JobManager:
     def close(self, timeout: float = 30.0) -> None:
         """Stop starting jobs; stop the running ones (they are failed: the server is going
         away), and wait for their workers to exit."""
+        if self._pacer is not None:
+            self._pacer.close()  # every worker continued, so it can stop
         with self._cond:
             self._closing = True
             runs = list(self._running.values())
@@ -111,6 +115,18 @@ class JobManager:
         if self._scheduler is not None:
             self._scheduler.join(timeout)
         self.store.close()
+
+    def pace(self, busy: Callable[[], bool]) -> None:
+        """Pause the workers while `busy()` (the server has requests), per --training-share
+        (pacing.py)."""
+        if self._pacer is not None:
+            self._pacer.close()
+        self._pacer = Pacer(busy, self._pausable_pids, share=self.config.share).start()
+
+    def _pausable_pids(self) -> list[int]:
+        with self._cond:
+            runs = list(self._running.values())
+        return [r.proc.pid for r in runs if r.proc is not None and r.proc.poll() is None and not r.stopping]
 
     def kill_workers(self) -> None:
         """SIGKILL every running worker (and what it started) at once, waiting for nothing:

@@ -71,6 +71,11 @@ class WorkerRun:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(proc.pid, signal.SIGKILL)  # its own session: the group is its pid
 
+    @property
+    def stopping(self) -> bool:
+        """Cancelled or stopped: the pacer leaves it running so it can end its step."""
+        return self._stop_reason is not None
+
     def _signal(self, reason: str, state: str) -> None:
         with self._lock:
             if self._stop_reason is None:
@@ -78,6 +83,8 @@ class WorkerRun:
             proc = self.proc
         if proc is not None and proc.poll() is None:
             proc.send_signal(signal.SIGTERM)  # the worker stops at the end of its step
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGCONT)  # paused while the server served (pacing.py)
             timer = threading.Timer(self.cancel_grace_s, _kill_if_alive, (proc,))
             timer.daemon = True
             timer.start()
