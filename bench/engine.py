@@ -50,37 +50,45 @@ def step_tok_s(run, rows: int, new_tokens: int, repeats: int) -> float:
 
 def engine_runner(base_dir: Path, adapters: list[Path], prompts: list[list[int]], slots_per_row: list[int],
                   stack_dtype: torch.dtype | None = None):
-    from adapterd.engine import nf4cpu
-    from adapterd.engine.generate import Request
     from adapterd.engine.lora import inject_lora
     from adapterd.engine.model import load_base_model
-    from adapterd.engine.paged import PagedGenerator
-    from adapterd.engine.sampling import SamplingParams
     from adapterd.registry.validate import read_adapter
 
     model, tokenizer, spec = load_base_model(base_dir)
     slots = inject_lora(model, num_slots=len(adapters) + 1, max_rank=64, stack_dtype=stack_dtype)
     for i, path in enumerate(adapters, start=1):
         slots.load(i, read_adapter(path, spec, 64))
-    attached = []
-
     def run_with(slot_of_row: list[int]):
-        def run(n: int) -> list[float]:
-            gen = PagedGenerator(model, tokenizer, slots, kv_cache_bytes=256 << 20, eos_token_ids=set())
-            params = SamplingParams(max_new_tokens=n)
-            gen.add([Request(str(i), p, params, s) for i, (p, s) in enumerate(zip(prompts, slot_of_row, strict=True))])
-            gen.step()  # the prefill (and the first token): not a decode step
-            if not attached:  # the server attaches the direct 4-bit kernel after its warm-up
-                attached.append(nf4cpu.attach(slots.layers.values()))
-            times = []
-            while gen.num_running:
-                t0 = time.perf_counter()
-                gen.step()
-                times.append(time.perf_counter() - t0)
-            return times
-        return run
+        return lambda n: decode_step_times(model, tokenizer, slots, prompts, slot_of_row, n)
 
     return run_with
+
+
+_ATTACHED: set[int] = set()  # the slot tables whose layers have the direct kernel
+
+
+def decode_step_times(model, tokenizer, slots, prompts: list[list[int]], slot_of_row: list[int], n: int) -> list[float]:
+    """The time of each decode step of one batch (row i: prompts[i] on slot slot_of_row[i])
+    through the paged engine, n tokens each; the prefill is not timed. The first call
+    attaches the direct 4-bit kernel, as the server does after its warm-up."""
+    from adapterd.engine import nf4cpu
+    from adapterd.engine.generate import Request
+    from adapterd.engine.paged import PagedGenerator
+    from adapterd.engine.sampling import SamplingParams
+
+    gen = PagedGenerator(model, tokenizer, slots, kv_cache_bytes=256 << 20, eos_token_ids=set())
+    params = SamplingParams(max_new_tokens=n)
+    gen.add([Request(str(i), p, params, s) for i, (p, s) in enumerate(zip(prompts, slot_of_row, strict=True))])
+    gen.step()  # the prefill (and the first token): not a decode step
+    if id(slots) not in _ATTACHED:
+        nf4cpu.attach(slots.layers.values())
+        _ATTACHED.add(id(slots))
+    times = []
+    while gen.num_running:
+        t0 = time.perf_counter()
+        gen.step()
+        times.append(time.perf_counter() - t0)
+    return times
 
 
 class _StepClock:

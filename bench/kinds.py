@@ -23,12 +23,11 @@ import json
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
-from engine import make_adapters  # bench/engine.py
+from engine import decode_step_times, make_adapters  # bench/engine.py
 
 
 def make_kind(base_dir: Path, out: Path, kind: str, i: int, rank: int, virtual_tokens: int) -> Path:
@@ -61,12 +60,8 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=3, help="runs per case; the median step over all is reported")
     args = ap.parse_args(argv)
 
-    from adapterd.engine import nf4cpu
-    from adapterd.engine.generate import Request
     from adapterd.engine.lora import inject_lora
     from adapterd.engine.model import base_model_dir, load_base_model
-    from adapterd.engine.paged import PagedGenerator
-    from adapterd.engine.sampling import SamplingParams
     from adapterd.registry.validate import read_adapter
 
     base_dir = base_model_dir(args.base_model)
@@ -85,21 +80,8 @@ def main(argv=None) -> int:
             first[kind] = 1 + k * n
             for i, path in enumerate(dirs[kind]):
                 slots.load(first[kind] + i, read_adapter(path, spec, 64))
-        attached = []
-
         def run(slot_of_row: list[int], steps: int) -> list[float]:
-            gen = PagedGenerator(model, tokenizer, slots, kv_cache_bytes=256 << 20, eos_token_ids=set())
-            params = SamplingParams(max_new_tokens=steps)
-            gen.add([Request(str(i), p, params, s) for i, (p, s) in enumerate(zip(prompts, slot_of_row, strict=True))])
-            gen.step()  # the prefill and the first token
-            if not attached:  # the server attaches the direct 4-bit kernel after its warm-up
-                attached.append(nf4cpu.attach(slots.layers.values()))
-            times = []
-            while gen.num_running:
-                t0 = time.perf_counter()
-                gen.step()
-                times.append(time.perf_counter() - t0)
-            return times
+            return decode_step_times(model, tokenizer, slots, prompts, slot_of_row, steps)
 
         def rows_of(kinds: list[str]) -> list[int]:
             return [first[kind] + (i % n) for i, kind in enumerate(kinds)]

@@ -76,7 +76,7 @@ def parse_config(config_bytes: bytes, *, max_rank: int | None = None,
     if not isinstance(peft_type, str):
         raise InvalidAdapter(f"{CONFIG_FILE}: peft_type must be a string, got {quote(peft_type)}")
     if peft_type.upper() in PEFT_TYPES and peft_type != peft_type.upper():  # PeftType is case-sensitive
-        raise InvalidAdapter(f"{CONFIG_FILE}: peft_type must be {quote(peft_type.upper())}, as PEFT writes it; "
+        raise InvalidAdapter(f'{CONFIG_FILE}: peft_type must be "{peft_type.upper()}", as PEFT writes it; '
                              f"got {quote(peft_type)}")
     if peft_type not in PEFT_TYPES:
         raise UnsupportedAdapter(f"peft_type {quote(peft_type)} is not supported: this server serves {_SERVED_TYPES} adapters")

@@ -21,6 +21,8 @@ from adapterd.engine.sampling import SamplingParams
 from adapterd.engine.variants import dense_weight
 from adapterd.registry.validate import read_adapter
 
+from tests.engine_runs import run_to_end
+
 NEW_TOKENS = 8
 PROMPTS = [list(b"def mean(xs):"), list(b"hello there"), list(b"SELECT * FROM t")]
 KINDS = {"llama": ("dora", "ia3", "prompt_tuning", "prefix_tuning"),
@@ -73,24 +75,10 @@ def _engine_rows(base, dirs, rows):
     paged = slots.prompt_shape.prefix_tuning
     gen = (PagedGenerator(model, tokenizer, slots, kv_cache_bytes=4 * 2**20, eos_token_ids=set()) if paged
            else Generator(model, tokenizer, slots, eos_token_ids=set()))
-    first, choose = {}, gen._choose
-
-    def spy(logits, batch_rows):
-        for i, r in enumerate(batch_rows):
-            first.setdefault(r.request.id, logits[i].clone())
-        return choose(logits, batch_rows)
-
-    gen._choose = spy
     requests = [Request(str(i), p, SamplingParams(max_new_tokens=NEW_TOKENS),
                         0 if kind is None else kinds.index(kind) + 1) for i, (kind, p) in enumerate(rows)]
-    tokens: dict[str, list[int]] = {}
-    for e in gen.add(requests):
-        tokens.setdefault(e.request_id, []).append(e.token_id)
-    while gen.num_running:
-        for e in gen.step():
-            assert e.error is None, e.error
-            tokens.setdefault(e.request_id, []).append(e.token_id)
-    return [(first[str(i)], tokens[str(i)]) for i in range(len(rows))]
+    got = run_to_end(gen, requests)
+    return [got[str(i)] for i in range(len(rows))]
 
 
 @pytest.mark.parametrize("arch", ["llama", "phi", "falcon"])

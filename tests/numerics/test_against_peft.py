@@ -15,6 +15,8 @@ from adapterd.engine.model import load_base_model
 from adapterd.engine.sampling import SamplingParams
 from adapterd.registry.validate import read_adapter
 
+from tests.engine_runs import run_to_end
+
 NEW_TOKENS = 16
 PROMPTS = [b"def mean(xs):", b"import numpy as np\n", b"hello", b"SELECT * FROM t WHERE", b"x = [1, 2, 3]"]
 
@@ -56,23 +58,9 @@ def _engine_run(base_dir, adapter_dirs, rows, device=CPU, quantization="nf4", ne
     for slot, path in enumerate(adapter_dirs, start=1):
         slots.load(slot, read_adapter(path, spec, max_rank=16))
     gen = Generator(model, tokenizer, slots, eos_token_ids=set())  # always new_tokens, as the reference
-    first_logits = {}
-    choose = gen._choose
-
-    def spy(logits, batch_rows):
-        for i, r in enumerate(batch_rows):
-            first_logits.setdefault(r.request.id, logits[i].clone())
-        return choose(logits, batch_rows)
-
-    gen._choose = spy
-    tokens: dict[str, list[int]] = {}
     reqs = [Request(str(i), p, SamplingParams(max_new_tokens=new_tokens), slot) for i, (slot, p) in enumerate(rows)]
-    for e in gen.add(reqs):
-        tokens.setdefault(e.request_id, []).append(e.token_id)
-    while gen.num_running:
-        for e in gen.step():
-            tokens.setdefault(e.request_id, []).append(e.token_id)
-    return [(first_logits[str(i)], tokens[str(i)]) for i in range(len(rows))]
+    got = run_to_end(gen, reqs)
+    return [got[r.id] for r in reqs]
 
 
 @pytest.mark.parametrize("arch", ["llama", "phi", "falcon"])

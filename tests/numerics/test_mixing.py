@@ -15,6 +15,8 @@ from adapterd.engine.generate import Request
 from adapterd.engine.sampling import SamplingParams
 from adapterd.registry.validate import read_adapter
 
+from tests.engine_runs import run_to_end
+
 PROMPT = list(b"def mean(xs):")
 NEW_TOKENS = 6
 
@@ -44,22 +46,9 @@ def _engine(base, weights_by_slot):
     for slot, w in enumerate(weights_by_slot, start=1):
         slots.load(slot, w)
     gen = PagedGenerator(model, tokenizer, slots, kv_cache_bytes=4 * 2**20, eos_token_ids=set())
-    first, choose = {}, gen._choose
-
-    def spy(logits, rows):
-        for i, r in enumerate(rows):
-            first.setdefault(r.request.id, logits[i].clone())
-        return choose(logits, rows)
-
-    gen._choose = spy
-    tokens: dict[str, list[int]] = {}
     reqs = [Request(str(s), PROMPT, SamplingParams(max_new_tokens=NEW_TOKENS), s) for s in range(1, len(weights_by_slot) + 1)]
-    for e in gen.add(reqs):
-        tokens.setdefault(e.request_id, []).append(e.token_id)
-    while gen.num_running:
-        for e in gen.step():
-            tokens.setdefault(e.request_id, []).append(e.token_id)
-    return [(first[str(s)], tokens[str(s)]) for s in range(1, len(weights_by_slot) + 1)]
+    got = run_to_end(gen, reqs)
+    return [got[r.id] for r in reqs]
 
 
 @pytest.fixture(scope="module")

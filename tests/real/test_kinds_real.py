@@ -23,6 +23,7 @@ from adapterd.engine.generate import Request
 from adapterd.registry.validate import read_adapter
 
 from tests.conftest import make_kind_adapter
+from tests.engine_runs import run_to_end
 from tests.numerics.test_adapter_kinds import _unpacked
 
 pytestmark = pytest.mark.real_model
@@ -66,25 +67,12 @@ def test_every_kind_in_one_batch_on_smollm2(adapters):
         slots.load(slot, read_adapter(dirs[kind], spec, 16))
     ids = tokenizer(PROMPT)["input_ids"]
     gen = PagedGenerator(model, tokenizer, slots, kv_cache_bytes=16 << 20, eos_token_ids=set())
-    first, choose = {}, gen._choose
-
-    def spy(logits, rows):
-        for i, r in enumerate(rows):
-            first.setdefault(r.request.id, logits[i].clone())
-        return choose(logits, rows)
-
-    gen._choose = spy
-    tokens: dict[str, list[int]] = {}
     params = SamplingParams(max_new_tokens=NEW_TOKENS)
-    for e in gen.add([Request(str(s), ids, params, s) for s in range(len(KINDS) + 1)]):
-        tokens.setdefault(e.request_id, []).append(e.token_id)
-    while gen.num_running:
-        for e in gen.step():
-            assert e.error is None
-            tokens.setdefault(e.request_id, []).append(e.token_id)
-    base_first = first["0"]
+    got = run_to_end(gen, [Request(str(s), ids, params, s) for s in range(len(KINDS) + 1)])
+    base_first = got["0"][0]
     for slot, kind in enumerate(KINDS, start=1):
         want_logits, want_tokens = _peft(base, dirs[kind], ids)
         assert (want_logits - base_first).abs().max() > 0.5, f"{kind} must change the logits"
-        torch.testing.assert_close(first[str(slot)], want_logits, rtol=LOGIT_TOL, atol=LOGIT_TOL, msg=kind)
-        assert tokens[str(slot)] == want_tokens, kind
+        logits, tokens = got[str(slot)]
+        torch.testing.assert_close(logits, want_logits, rtol=LOGIT_TOL, atol=LOGIT_TOL, msg=kind)
+        assert tokens == want_tokens, kind
