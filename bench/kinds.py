@@ -26,7 +26,6 @@ import tempfile
 from pathlib import Path
 
 import torch
-
 from engine import decode_step_times, make_adapters  # bench/engine.py
 
 

@@ -28,3 +28,16 @@ def run_to_end(gen, requests) -> dict[str, tuple[torch.Tensor, list[int]]]:
         events = gen.step()
     gen._choose = choose
     return {r.id: (first[r.id], tokens[r.id]) for r in requests}
+
+
+@torch.no_grad()
+def greedy_by_forward(model, prompt: list[int], n: int) -> tuple[torch.Tensor, list[int]]:
+    """A model's (a PeftModel's) greedy tokens with one whole forward each, as in training
+    (not generate(): for prompt tuning it differs from PEFT's own forward after the first
+    token, PEFT 0.21 with transformers 5.24): the first logits, and the n tokens."""
+    ids, first = list(prompt), None
+    for _ in range(n):
+        logits = model(input_ids=torch.tensor([ids])).logits[0, -1]
+        first = logits if first is None else first
+        ids.append(int(logits.argmax()))
+    return first, ids[len(prompt):]

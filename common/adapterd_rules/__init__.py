@@ -17,7 +17,15 @@ tensor values: the header alone says every tensor's dtype, shape and byte range,
 is enough to check names, ranks, shapes and sizes.
 """
 
-from adapterd_rules.adapter import PEFT_PREFIX, PROMPT_KEY, CheckedAdapter, Ia3Module, LoraModule, PromptShape, check_adapter
+from adapterd_rules.adapter import (
+    PEFT_PREFIX,
+    PROMPT_KEY,
+    CheckedAdapter,
+    Ia3Module,
+    LoraModule,
+    PromptShape,
+    check_adapter,
+)
 from adapterd_rules.errors import *  # noqa: F403 - the hierarchy is part of this package's API
 from adapterd_rules.errors import __all__ as _error_names
 from adapterd_rules.files import (
@@ -30,16 +38,6 @@ from adapterd_rules.files import (
     require_adapter_files,
     sha256_file,
 )
-from adapterd_rules.lora_config import (
-    MAX_ABS_WEIGHT,
-    MAX_CONFIG_BYTES,
-    MAX_DELTA,
-    MAX_SCALING,
-    LoraSettings,
-    check_scaling,
-    parse_lora_config,
-    read_config,
-)
 from adapterd_rules.kinds import (
     DEFAULT_MAX_VIRTUAL_TOKENS,
     KINDS,
@@ -49,6 +47,16 @@ from adapterd_rules.kinds import (
     PromptSettings,
     Settings,
     parse_config,
+)
+from adapterd_rules.lora_config import (
+    MAX_ABS_WEIGHT,
+    MAX_CONFIG_BYTES,
+    MAX_DELTA,
+    MAX_SCALING,
+    LoraSettings,
+    check_scaling,
+    parse_lora_config,
+    read_config,
 )
 from adapterd_rules.names import NAME_PATTERN, NAME_RE, check_name, is_name, parse_ref
 from adapterd_rules.safetensors_header import (

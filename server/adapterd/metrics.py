@@ -31,9 +31,8 @@ from collections.abc import Callable, Iterable, Mapping
 from socketserver import ThreadingMixIn
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, make_wsgi_app
-
 from adapterd_rules import KINDS
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, make_wsgi_app
 
 from adapterd import __version__
 from adapterd.tenancy import DEFAULT_TENANT

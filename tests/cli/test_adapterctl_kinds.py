@@ -26,6 +26,7 @@ from adapterd_api.v1 import inference_pb2 as ipb
 from prometheus_client import CollectorRegistry
 from safetensors.torch import load_file, save_file
 
+from tests.engine_runs import greedy_by_forward
 from tests.grpc_harness import RunningServer, request
 
 MAX_RANK = 16
@@ -74,12 +75,7 @@ def _peft_greedy(base, adapter_dirs, prompt: str, mix=None) -> list[int]:
         peft_model.add_weighted_adapter(["a0", "a1"], weights, "mix", combination_type=combination)
         peft_model.set_adapter("mix")
     peft_model.eval()
-    prompt_ids = tokenizer(prompt)["input_ids"]
-    ids = list(prompt_ids)
-    with torch.no_grad():
-        for _ in range(NEW_TOKENS):
-            ids.append(int(peft_model(input_ids=torch.tensor([ids])).logits[0, -1].argmax()))
-    return ids[len(prompt_ids):]
+    return greedy_by_forward(peft_model, tokenizer(prompt)["input_ids"], NEW_TOKENS)[1]
 
 
 @pytest.fixture

@@ -26,6 +26,7 @@ from adapterd_api.v1 import inference_pb2 as ipb
 from adapterd_api.v1 import training_pb2 as tpb
 from adapterd_api.v1 import training_pb2_grpc as tpb_grpc
 
+from tests.engine_runs import greedy_by_forward
 from tests.grpc_harness import TEST_SCHEDULER, RunningServer, request
 
 MAX_RANK = 16
@@ -249,7 +250,6 @@ def test_each_method_trains_publishes_its_kind_and_serves_peft_tokens(method, us
     """A short job of each method: the published adapter is of that kind, served at once, and
     its served greedy tokens equal PeftModel's with the saved adapter (one forward per token)."""
     import peft.tuners.lora.dora
-    import torch
     from adapterd.engine.model import load_base_model
     from adapterd.engine.variants import dense_weight
     from peft import PeftModel
@@ -277,11 +277,7 @@ def test_each_method_trains_publishes_its_kind_and_serves_peft_tokens(method, us
     monkeypatch.setattr(peft.tuners.lora.dora, "dequantize_module_weight", dense_weight)  # see test_adapter_kinds
     model, tokenizer, _ = load_base_model(server.jobs.base_model)
     peft_model = PeftModel.from_pretrained(model, saved).eval()
-    ids = tokenizer(text)["input_ids"]
-    with torch.no_grad():
-        for _ in range(8):
-            ids.append(int(peft_model(input_ids=torch.tensor([ids])).logits[0, -1].argmax()))
-    assert list(served.token_ids) == ids[-8:]
+    assert list(served.token_ids) == greedy_by_forward(peft_model, tokenizer(text)["input_ids"], 8)[1]
 
 
 def test_a_killed_worker_fails_its_job_and_inference_carries_on(server, tmp_path):

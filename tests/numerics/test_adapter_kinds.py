@@ -21,7 +21,7 @@ from adapterd.engine.sampling import SamplingParams
 from adapterd.engine.variants import dense_weight
 from adapterd.registry.validate import read_adapter
 
-from tests.engine_runs import run_to_end
+from tests.engine_runs import greedy_by_forward, run_to_end
 
 NEW_TOKENS = 8
 PROMPTS = [list(b"def mean(xs):"), list(b"hello there"), list(b"SELECT * FROM t")]
@@ -55,13 +55,7 @@ def _peft_reference(base, path, prompt):
     model = _unpacked(model)
     if path is not None:
         model = PeftModel.from_pretrained(model, path).eval()
-    ids, first = list(prompt), None
-    with torch.no_grad():
-        for _ in range(NEW_TOKENS):
-            logits = model(input_ids=torch.tensor([ids])).logits[0, -1]
-            first = logits if first is None else first
-            ids.append(int(logits.argmax()))
-    return first, ids[len(prompt):]
+    return greedy_by_forward(model, prompt, NEW_TOKENS)
 
 
 def _engine_rows(base, dirs, rows):

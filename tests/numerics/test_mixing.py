@@ -7,15 +7,15 @@ from __future__ import annotations
 import pytest
 import torch
 from adapterd import errors
+from adapterd.engine.generate import Request
 from adapterd.engine.lora import inject_lora
 from adapterd.engine.mixing import combine
 from adapterd.engine.model import load_base_model
 from adapterd.engine.paged import PagedGenerator
-from adapterd.engine.generate import Request
 from adapterd.engine.sampling import SamplingParams
 from adapterd.registry.validate import read_adapter
 
-from tests.engine_runs import run_to_end
+from tests.engine_runs import greedy_by_forward, run_to_end
 
 PROMPT = list(b"def mean(xs):")
 NEW_TOKENS = 6
@@ -31,13 +31,7 @@ def _peft_mix(base, dirs, weights, combination):
     peft_model.add_weighted_adapter(["a0", "a1"], weights, "mix", combination_type=combination)
     peft_model.set_adapter("mix")
     peft_model.eval()
-    ids, first = list(PROMPT), None
-    with torch.no_grad():
-        for _ in range(NEW_TOKENS):
-            logits = peft_model(input_ids=torch.tensor([ids])).logits[0, -1]
-            first = logits if first is None else first
-            ids.append(int(logits.argmax()))
-    return first, ids[len(PROMPT):]
+    return greedy_by_forward(peft_model, PROMPT, NEW_TOKENS)
 
 
 def _engine(base, weights_by_slot):

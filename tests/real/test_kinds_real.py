@@ -14,16 +14,16 @@ import importlib.util
 
 import pytest
 import torch
+from adapterd.engine.generate import Request
 from adapterd.engine.gguf import BUNDLED_PACKAGE
 from adapterd.engine.lora import inject_lora
 from adapterd.engine.model import base_model_dir, load_base_model
 from adapterd.engine.paged import PagedGenerator
 from adapterd.engine.sampling import SamplingParams
-from adapterd.engine.generate import Request
 from adapterd.registry.validate import read_adapter
 
 from tests.conftest import make_kind_adapter
-from tests.engine_runs import run_to_end
+from tests.engine_runs import greedy_by_forward, run_to_end
 from tests.numerics.test_adapter_kinds import _unpacked
 
 pytestmark = pytest.mark.real_model
@@ -49,13 +49,7 @@ def _peft(base, path, ids):
 
     model, _, _ = load_base_model(base)
     model = PeftModel.from_pretrained(_unpacked(model), path).eval()
-    ids, first = list(ids), None
-    with torch.no_grad():
-        for _ in range(NEW_TOKENS):
-            logits = model(input_ids=torch.tensor([ids])).logits[0, -1]
-            first = logits if first is None else first
-            ids.append(int(logits.argmax()))
-    return first, ids[-NEW_TOKENS:]
+    return greedy_by_forward(model, ids, NEW_TOKENS)
 
 
 def test_every_kind_in_one_batch_on_smollm2(adapters):

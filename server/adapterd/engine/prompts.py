@@ -20,7 +20,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-
 from adapterd_rules import PromptShape
 
 from adapterd import errors
