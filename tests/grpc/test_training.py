@@ -280,6 +280,49 @@ def test_each_method_trains_publishes_its_kind_and_serves_peft_tokens(method, us
     assert list(served.token_ids) == greedy_by_forward(peft_model, tokenizer(text)["input_ids"], 8)[1]
 
 
+def _proc_state(pid: int) -> str:
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0]
+
+
+def _until(condition, timeout=60.0) -> bool:
+    import time
+
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_a_job_pauses_while_serving_resumes_after_and_cancels_while_paused(server, tmp_path):
+    """The pacer (pacing.py) as the server runs it: a training worker stops while requests are
+    served, makes no step meanwhile, goes on once idle, and a cancel while paused ends it as
+    cancelled (continued, it stops at its step's end) well before the kill grace."""
+    import time
+
+    busy = [False]
+    server.jobs.pace(lambda: busy[0])
+    client = TrainingClient(Client(server.addr))
+    job = client.create(pairs_file(tmp_path), name="paced", epochs=1000, batch_size=1)
+    watch(server, job.id, until=lambda e: e.type == tpb.STEP)
+    pid = server.jobs.running_pid(job.id)
+    busy[0] = True
+    assert _until(lambda: _proc_state(pid) == "T"), "the worker pauses while the server is busy"
+    step = client.get(job.id).step
+    time.sleep(1.0)
+    assert client.get(job.id).step == step  # no training while paused
+    busy[0] = False
+    assert _until(lambda: client.get(job.id).step > step), "it trains on once the server is idle"
+    busy[0] = True
+    assert _until(lambda: _proc_state(pid) == "T")
+    started = time.monotonic()
+    client.cancel(job.id)
+    assert _until(lambda: client.get(job.id).state == tpb.CANCELLED, timeout=20)
+    assert time.monotonic() - started < 20 and "cancelled by the user" in client.get(job.id).error
+
+
 def test_a_killed_worker_fails_its_job_and_inference_carries_on(server, tmp_path):
     before = generate(server, "", "Q: hello\nA: ")
     job = TrainingClient(Client(server.addr)).create(pairs_file(tmp_path), name="doomed", epochs=1000, batch_size=1)
