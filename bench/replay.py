@@ -1,0 +1,141 @@
+"""Forgetting and replay on the real model: the same job on the pandas example without and
+with --replay-ratio, through the service (its training worker, its evaluation), one after
+the other in one run. Prints one JSON object.
+
+For each job (same data, split, seed and hyperparameters; only replay_ratio differs):
+
+    task_rougeL_f1        held-out ROUGE-L F1 (the job's validation split) of adapter and base
+    gain                  adapter - base on that
+    retention             Job.retention: the adapter's ROUGE-L F1 on the built-in general
+                          retention set (general.py; the base model's own greedy answers as
+                          references, so the base scores 1) over the base's
+    gain_kept             (replay jobs) this job's gain over the no-replay job's gain
+
+Goal (issue 17): with replay, retention >= 0.9 while gain_kept >= 0.95.
+
+    python bench/replay.py [--replay-ratio 0 1] [--epochs 2] [--lr 1e-3] [--batch-size 4]
+        [--eval-max-new-tokens 32] [--max-eval-examples 100] [--training-threads 1] [--base-model ...]
+
+--eval-max-new-tokens caps every greedy generation of a job: the task's evaluation (each
+reference is one line of code), the base model's reference answers on the retention set,
+and the replay examples' answers. 32 (the walk-through's setting, not the server's 128)
+keeps a replay job under an hour on 2 CPU cores at 1 thread. --max-eval-examples takes the
+first N prompts of the retention set (the task's held-out split is 26 examples). Progress
+goes to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from train import DATASET, Service  # bench/train.py: the service on a loopback port
+
+
+def run_job(service: Service, data: Path, name: str, hp: dict) -> dict:
+    from adapterctl.train import TrainingClient
+    from adapterd_api.v1 import training_pb2 as pb
+
+    training = TrainingClient(service.client)
+    started = time.time()
+    job = training.create(data, name=name, **hp)
+    phases: dict[str, float] = {}  # a worker message -> when it came, seconds after CreateJob
+    for event in training.watch(job.id):
+        at = event.time - started
+        if event.type == pb.MESSAGE:
+            phases[event.message] = round(at, 1)
+            print(f"[{at:7.0f}s] {name}: {event.message}", file=sys.stderr, flush=True)
+        elif event.type == pb.STARTED:
+            phases["training started"] = round(at, 1)
+            print(f"[{at:7.0f}s] {name}: training, {event.total_steps} steps", file=sys.stderr, flush=True)
+        elif event.type == pb.STEP and (event.step % 10 == 0 or event.step <= 3):
+            print(f"[{at:7.0f}s] {name}: step {event.step}/{event.total_steps} loss {event.loss:.4f} "
+                  f"{event.tokens_per_second:.0f} tok/s", file=sys.stderr, flush=True)
+        elif event.type == pb.EVAL:
+            print(f"[{at:7.0f}s] {name}: step {event.step} validation loss {event.eval_loss:.4f}",
+                  file=sys.stderr, flush=True)
+        elif event.type == pb.STATE:
+            print(f"[{at:7.0f}s] {name}: {pb.JobState.Name(event.state).lower()} {event.message}",
+                  file=sys.stderr, flush=True)
+    wall = time.time() - started
+    job = training.get(job.id)
+    if job.state != pb.SUCCEEDED:
+        raise RuntimeError(f"job {job.id} {pb.JobState.Name(job.state)}: {job.error}")
+    splits = {e.split: e for e in job.evaluation}
+    task, retention = splits["validation"], splits["retention"]
+    t = job.training
+    return {
+        "replay_ratio": hp["replay_ratio"],
+        "replay_examples": t.replay_examples,
+        "train_examples": job.train_examples,
+        "validation_examples": task.examples,
+        "retention_examples": retention.examples,
+        "task_rougeL_f1": {"adapter": task.adapter.rouge_l.f1, "base": task.base.rouge_l.f1},
+        "gain": task.adapter.rouge_l.f1 - task.base.rouge_l.f1,
+        "task_loss": {"adapter": task.adapter.loss, "base": task.base.loss},
+        "retention": job.retention,
+        "retention_rougeL_f1": {"adapter": retention.adapter.rouge_l.f1, "base": retention.base.rouge_l.f1},
+        "retention_samples": [{"prompt": s.prompt[-80:], "reference": s.reference, "adapter": s.generation}
+                              for s in retention.adapter.samples],
+        "steps": t.steps, "stopped_early": t.stopped_early, "train_loss": t.train_loss,
+        "best_eval_loss": t.best_eval_loss, "train_runtime_s": t.runtime_s, "tokens": t.tokens,
+        "tokens_per_second": t.tokens_per_second, "job_wall_s": wall, "phases_s": phases,
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--replay-ratio", type=float, nargs="+", default=[0.0, 1.0],
+                        help="one job per ratio, in this order; 0 = the job without replay (needed for gain_kept)")
+    parser.add_argument("--epochs", type=float, default=2)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--eval-max-new-tokens", type=int, default=32)
+    parser.add_argument("--max-eval-examples", type=int, default=100)
+    parser.add_argument("--examples", type=int, default=None,
+                        help="the first N lines of adapters/examples/pandas_numpy.jsonl (default: all 261)")
+    parser.add_argument("--training-threads", type=int, default=1, help="the worker's torch threads (0: every core)")
+    parser.add_argument("--training-nice", type=int, default=19)
+    parser.add_argument("--base-model", default=None, metavar="DIR|FILE.gguf|demo",
+                        help="default: SmolLM2-135M-Instruct, the server's default")
+    args = parser.parse_args()
+
+    from adapterd.engine.model import base_model_dir
+
+    base_model = base_model_dir(args.base_model)
+    hp = dict(epochs=args.epochs, learning_rate=args.lr, batch_size=args.batch_size, seed=args.seed,
+              eval_max_new_tokens=args.eval_max_new_tokens, max_eval_examples=args.max_eval_examples)
+    runs = []
+    with tempfile.TemporaryDirectory(prefix="adapterd-bench-replay-") as tmp:
+        root = Path(tmp)
+        data = root / "pandas_numpy.jsonl"
+        lines = DATASET.read_text().splitlines(keepends=True)
+        data.write_text("".join(lines[: args.examples]))
+        service = Service(root, base_model, ("--training-nice", str(args.training_nice),
+                                             "--training-threads", str(args.training_threads)))
+        try:
+            for i, ratio in enumerate(args.replay_ratio):
+                runs.append(run_job(service, data, f"replay-{i}", {**hp, "replay_ratio": ratio}))
+                print(json.dumps(runs[-1]), file=sys.stderr, flush=True)
+        finally:
+            service.stop()
+    plain = next((r for r in runs if r["replay_ratio"] == 0), None)
+    for r in runs:
+        if plain is not None and r is not plain:
+            r["gain_kept"] = r["gain"] / plain["gain"] if plain["gain"] else None
+            r["goal_met"] = r["retention"] >= 0.9 and (r["gain_kept"] or 0) >= 0.95
+    print(json.dumps({
+        "base_model": str(base_model), "dataset": str(DATASET), "examples": len(lines[: args.examples]), **hp,
+        "training_threads": args.training_threads, "runs": runs,
+        "goal": "with replay: retention >= 0.9 and gain_kept >= 0.95",
+    }, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
