@@ -13,7 +13,7 @@ For each job (same data, split, seed and hyperparameters; only replay_ratio diff
 
 Goal (issue 17): with replay, retention >= 0.9 while gain_kept >= 0.95.
 
-    python bench/replay.py [--replay-ratio 0 1] [--epochs 2] [--lr 1e-3] [--batch-size 4]
+    python bench/replay.py [--replay-ratio 0 1] [--replay-loss kl|ce] [--epochs 2] [--lr 1e-3] [--batch-size 4]
         [--eval-max-new-tokens 32] [--max-eval-examples 100] [--training-threads 1] [--base-model ...]
 
 --eval-max-new-tokens caps every greedy generation of a job: the task's evaluation (each
@@ -70,6 +70,7 @@ def run_job(service: Service, data: Path, name: str, hp: dict) -> dict:
     t = job.training
     return {
         "replay_ratio": hp["replay_ratio"],
+        "replay_loss": hp["replay_loss"] if hp["replay_ratio"] else None,
         "replay_examples": t.replay_examples,
         "train_examples": job.train_examples,
         "validation_examples": task.examples,
@@ -91,6 +92,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--replay-ratio", type=float, nargs="+", default=[0.0, 1.0],
                         help="one job per ratio, in this order; 0 = the job without replay (needed for gain_kept)")
+    parser.add_argument("--replay-loss", choices=("kl", "ce"), default="kl",
+                        help="how the replay jobs learn the base's answers: its whole distribution (kl, the "
+                        "server's default) or its greedy tokens (ce)")
     parser.add_argument("--epochs", type=float, default=2)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--batch-size", type=int, default=4)
@@ -108,7 +112,7 @@ def main() -> int:
     from adapterd.engine.model import base_model_dir
 
     base_model = base_model_dir(args.base_model)
-    hp = dict(epochs=args.epochs, learning_rate=args.lr, batch_size=args.batch_size, seed=args.seed,
+    hp = dict(replay_loss=args.replay_loss, epochs=args.epochs, learning_rate=args.lr, batch_size=args.batch_size, seed=args.seed,
               eval_max_new_tokens=args.eval_max_new_tokens, max_eval_examples=args.max_eval_examples)
     runs = []
     with tempfile.TemporaryDirectory(prefix="adapterd-bench-replay-") as tmp:

@@ -232,6 +232,7 @@ def test_bad_validation_file_and_spec(server, tmp_path):
         ({"method": "ia3", "use_dora": True}, "--use-dora is a LoRA option (DoRA); it cannot be combined with --method ia3"),
         ({"method": "prompt-tuning", "virtual_tokens": 500}, "--virtual-tokens must be in 1..128"),
         ({"replay_ratio": -1.0}, "--replay-ratio must be in [0, 10]"),
+        ({"replay_ratio": 1.0, "replay_loss": "mse"}, "unknown --replay-loss 'mse'; one of kl, ce"),
     ):
         with pytest.raises(grpc.RpcError) as e:
             client.create(data, name="x", **kwargs)

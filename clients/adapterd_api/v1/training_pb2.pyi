@@ -204,6 +204,7 @@ class Hyperparameters(_message.Message):
     METHOD_FIELD_NUMBER: _builtins.int
     USE_DORA_FIELD_NUMBER: _builtins.int
     VIRTUAL_TOKENS_FIELD_NUMBER: _builtins.int
+    REPLAY_LOSS_FIELD_NUMBER: _builtins.int
     epochs: _builtins.float
     """3"""
     learning_rate: _builtins.float
@@ -255,6 +256,11 @@ class Hyperparameters(_message.Message):
     """Prompt and prefix tuning: the virtual tokens trained (1..128).
     20
     """
+    replay_loss: _builtins.str
+    """How replay is learned: "kl" (the default), the base model's whole next-token
+    distribution at every position of each replay example (self-distillation); "ce",
+    cross-entropy on its greedy answer tokens. Anything else is INVALID_ARGUMENT.
+    """
     @_builtins.property
     def target_modules(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """"all-linear" (the default), or module names such as q_proj, v_proj."""
@@ -282,10 +288,11 @@ class Hyperparameters(_message.Message):
         method: _builtins.str = ...,
         use_dora: _builtins.bool = ...,
         virtual_tokens: _builtins.int | None = ...,
+        replay_loss: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_alpha", b"_alpha", "_batch_size", b"_batch_size", "_dropout", b"_dropout", "_epochs", b"_epochs", "_eval_max_new_tokens", b"_eval_max_new_tokens", "_grad_accum", b"_grad_accum", "_learning_rate", b"_learning_rate", "_max_eval_examples", b"_max_eval_examples", "_max_seq_len", b"_max_seq_len", "_min_retention", b"_min_retention", "_rank", b"_rank", "_replay_ratio", b"_replay_ratio", "_seed", b"_seed", "_val_split", b"_val_split", "_virtual_tokens", b"_virtual_tokens", "_warmup_ratio", b"_warmup_ratio", "alpha", b"alpha", "batch_size", b"batch_size", "dropout", b"dropout", "epochs", b"epochs", "eval_max_new_tokens", b"eval_max_new_tokens", "grad_accum", b"grad_accum", "learning_rate", b"learning_rate", "max_eval_examples", b"max_eval_examples", "max_seq_len", b"max_seq_len", "min_retention", b"min_retention", "rank", b"rank", "replay_ratio", b"replay_ratio", "seed", b"seed", "val_split", b"val_split", "virtual_tokens", b"virtual_tokens", "warmup_ratio", b"warmup_ratio"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_alpha", b"_alpha", "_batch_size", b"_batch_size", "_dropout", b"_dropout", "_epochs", b"_epochs", "_eval_max_new_tokens", b"_eval_max_new_tokens", "_grad_accum", b"_grad_accum", "_learning_rate", b"_learning_rate", "_max_eval_examples", b"_max_eval_examples", "_max_seq_len", b"_max_seq_len", "_min_retention", b"_min_retention", "_rank", b"_rank", "_replay_ratio", b"_replay_ratio", "_seed", b"_seed", "_val_split", b"_val_split", "_virtual_tokens", b"_virtual_tokens", "_warmup_ratio", b"_warmup_ratio", "alpha", b"alpha", "batch_size", b"batch_size", "dropout", b"dropout", "epochs", b"epochs", "eval_max_new_tokens", b"eval_max_new_tokens", "grad_accum", b"grad_accum", "learning_rate", b"learning_rate", "max_eval_examples", b"max_eval_examples", "max_seq_len", b"max_seq_len", "method", b"method", "min_retention", b"min_retention", "no_early_stopping", b"no_early_stopping", "rank", b"rank", "replay_ratio", b"replay_ratio", "seed", b"seed", "target_modules", b"target_modules", "use_dora", b"use_dora", "val_split", b"val_split", "virtual_tokens", b"virtual_tokens", "warmup_ratio", b"warmup_ratio"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_alpha", b"_alpha", "_batch_size", b"_batch_size", "_dropout", b"_dropout", "_epochs", b"_epochs", "_eval_max_new_tokens", b"_eval_max_new_tokens", "_grad_accum", b"_grad_accum", "_learning_rate", b"_learning_rate", "_max_eval_examples", b"_max_eval_examples", "_max_seq_len", b"_max_seq_len", "_min_retention", b"_min_retention", "_rank", b"_rank", "_replay_ratio", b"_replay_ratio", "_seed", b"_seed", "_val_split", b"_val_split", "_virtual_tokens", b"_virtual_tokens", "_warmup_ratio", b"_warmup_ratio", "alpha", b"alpha", "batch_size", b"batch_size", "dropout", b"dropout", "epochs", b"epochs", "eval_max_new_tokens", b"eval_max_new_tokens", "grad_accum", b"grad_accum", "learning_rate", b"learning_rate", "max_eval_examples", b"max_eval_examples", "max_seq_len", b"max_seq_len", "method", b"method", "min_retention", b"min_retention", "no_early_stopping", b"no_early_stopping", "rank", b"rank", "replay_loss", b"replay_loss", "replay_ratio", b"replay_ratio", "seed", b"seed", "target_modules", b"target_modules", "use_dora", b"use_dora", "val_split", b"val_split", "virtual_tokens", b"virtual_tokens", "warmup_ratio", b"warmup_ratio"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__alpha: _TypeAlias = _typing.Literal["alpha"]  # noqa: Y015
     _WhichOneofArgType__alpha: _TypeAlias = _typing.Literal["_alpha", b"_alpha"]  # noqa: Y015

@@ -114,15 +114,16 @@ def training_spec(spec: pb.JobSpec) -> TrainingSpec:
     kwargs = {f: getattr(h, f) for f in _OPTIONAL_FIELDS if h.HasField(f)}
     if h.target_modules:
         kwargs["target_modules"] = tuple(h.target_modules)
-    if h.method:
-        kwargs["method"] = h.method
+    for f in ("method", "replay_loss"):  # strings: "" is unset
+        if getattr(h, f):
+            kwargs[f] = getattr(h, f)
     return TrainingSpec(name=spec.name, description=spec.description, early_stopping=not h.no_early_stopping,
                         use_dora=h.use_dora, **kwargs)
 
 
 def hyperparameters(spec: TrainingSpec) -> pb.Hyperparameters:
     h = pb.Hyperparameters(target_modules=list(spec.target_modules), no_early_stopping=not spec.early_stopping,
-                           method=spec.method, use_dora=spec.use_dora)
+                           method=spec.method, use_dora=spec.use_dora, replay_loss=spec.replay_loss)
     for f in _OPTIONAL_FIELDS:
         setattr(h, f, getattr(spec, f))
     return h

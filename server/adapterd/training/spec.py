@@ -23,6 +23,7 @@ ALL_LINEAR = "all-linear"
 # What a job trains: the adapter kinds the engine serves (--use-dora makes a lora job DoRA).
 METHODS = ("lora", "ia3", "prompt-tuning", "prefix-tuning")
 MAX_REPLAY_RATIO = 10.0
+REPLAY_LOSSES = ("kl", "ce")  # the base's distribution, or its greedy tokens
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,9 @@ class TrainingSpec:
     # Self-distillation replay: the base model's answers to general prompts, this many per
     # task example, trained on beside the task (general.py); 0 = none.
     replay_ratio: float = 0.0
+    # How replay is learned: "kl", the base model's whole next-token distribution on each
+    # replay example (self-distillation); "ce", cross-entropy on its greedy answer tokens.
+    replay_loss: str = "kl"
     min_retention: float = 0.0  # fail the job, unpublished, when retention is below this; 0 = no check
     method: str = "lora"
     use_dora: bool = False
@@ -102,6 +106,8 @@ class TrainingSpec:
             f"--replay-ratio must be in [0, {MAX_REPLAY_RATIO:g}] (general examples per task example); "
             f"got {self.replay_ratio}",
         )
+        _need(self.replay_loss in REPLAY_LOSSES,
+              f"unknown --replay-loss {quote(self.replay_loss)}; one of {', '.join(REPLAY_LOSSES)}")
         _need(
             math.isfinite(self.min_retention) and 0 <= self.min_retention <= 1,
             f"--min-retention must be in [0, 1] (the adapter's share of the base model's ROUGE-L on the "

@@ -63,7 +63,14 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from adapterd.config import Quantization
 from adapterd.engine.model import default_device, load_base_model, parse_dtype
 from adapterd.training import evaluate, general
-from adapterd.training.data import Example, collate, instruction, read_examples, tokens
+from adapterd.training.data import (
+    IGNORE_INDEX,
+    Example,
+    collate,
+    instruction,
+    read_examples,
+    tokens,
+)
 from adapterd.training.spec import ALL_LINEAR, TrainingSpec
 
 EXIT_OK, EXIT_ERROR, EXIT_CANCELLED = 0, 1, 3
@@ -138,8 +145,10 @@ def train(job_dir: Path, settings: dict, events: Events, cancel: threading.Event
     if cancel.is_set():
         raise Cancelled
 
-    def features(examples):
-        return [dict(zip(("input_ids", "labels"), tokens(e, tokenizer), strict=True)) for e in examples]
+    def features(examples, replayed=False):
+        return [dict(zip(("input_ids", "labels"), tokens(e, tokenizer), strict=True), replay=replayed) for e in examples]
+
+    distill = bool(replay) and spec.replay_loss == "kl"
 
     steps = total_steps(len(train_examples), spec)
     evaluating = bool(val_examples)
@@ -178,12 +187,18 @@ def train(job_dir: Path, settings: dict, events: Events, cancel: threading.Event
     callbacks = [EventsCallback(events, cancel)]
     if evaluating and spec.early_stopping:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=spec.early_stopping_patience))
-    trainer = Trainer(
+    def data_collator(batch):
+        out = collate([(f["input_ids"], f["labels"]) for f in batch], tokenizer.pad_token_id)
+        if distill:  # which rows are replay, for the distillation loss
+            out["replay"] = torch.tensor([f["replay"] for f in batch], dtype=torch.bool)  # (B,)
+        return out
+
+    trainer = (DistillationTrainer if distill else Trainer)(
         model=model,
         args=args,
-        train_dataset=features(train_examples),
+        train_dataset=features(train_examples[: len(train_examples) - len(replay)]) + features(replay, True),
         eval_dataset=features(val_examples) if evaluating else None,
-        data_collator=lambda batch: collate([(f["input_ids"], f["labels"]) for f in batch], tokenizer.pad_token_id),
+        data_collator=data_collator,
         callbacks=callbacks,
     )
     for quiet in (PrinterCallback, ProgressCallback):  # progress goes to the server as events
@@ -253,6 +268,45 @@ def replay_examples(model, tokenizer, spec: TrainingSpec, n_task: int, events: E
     model.train()
     cut = spec.max_seq_len
     return [replace(e, input_ids=e.input_ids[:cut], labels=e.labels[:cut]) for e in answered]
+
+
+class DistillationTrainer(Trainer):
+    """The Trainer with replay learned as self-distillation (--replay-loss kl, the default):
+    on a replay row the loss is KL(base || adapter), the base model's next-token
+    distribution (the same model with its adapter disabled, no gradient) against the
+    adapter's at every position of the row, prompt and answer. Hard labels (--replay-loss
+    ce) teach only the base's greedy token at each answer position; the whole distribution
+    keeps the adapter's output on general text close to the base's everywhere, its
+    second choices included. Task rows keep the usual cross-entropy on their completion
+    tokens. The loss is the mean over both kinds of token in the batch."""
+
+    loss_is_scaled_for_ga = False  # a per-batch mean: the Trainer divides it by the accumulation steps
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        inputs = dict(inputs)
+        replay = inputs.pop("replay", None)  # (B,) bool; absent in evaluation batches
+        labels = inputs.pop("labels")  # (B, T)
+        input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
+        outputs = model(input_ids=input_ids, attention_mask=attention_mask)
+        logits = outputs.logits[:, -input_ids.shape[1]:].float()  # (B, T, V): prompt tuning's virtual tokens first
+        if replay is None:
+            replay = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        targets = labels[:, 1:].masked_fill(replay[:, None], IGNORE_INDEX)  # (B, T-1): task rows' completions
+        total = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), targets,
+                                                  ignore_index=IGNORE_INDEX, reduction="sum")
+        count = (targets != IGNORE_INDEX).sum()
+        if replay.any():
+            rows = replay.nonzero().squeeze(1)
+            with torch.no_grad(), model.disable_adapter():
+                teacher = model(input_ids=input_ids[rows], attention_mask=attention_mask[rows]).logits
+            teacher = teacher[:, -input_ids.shape[1]:].float().log_softmax(-1)  # (R, T, V)
+            student = logits[rows].log_softmax(-1)  # (R, T, V)
+            kl = torch.nn.functional.kl_div(student, teacher, log_target=True, reduction="none").sum(-1)  # (R, T)
+            mask = attention_mask[rows].bool()  # (R, T): every real position, prompt and answer
+            total = total + kl[mask].sum()
+            count = count + mask.sum()
+        loss = total / count.clamp(min=1)
+        return (loss, outputs) if return_outputs else loss
 
 
 def prepare_model(base_model, spec: TrainingSpec, device: torch.device, compute_dtype: torch.dtype,
