@@ -29,6 +29,7 @@ from adapterd_api.v1 import adapters_pb2_grpc as pb_grpc
 from google.protobuf.json_format import MessageToDict
 
 from adapterctl.client import Client
+from adapterctl.progress import Progress, size
 from adapterctl.terminal import json_line, safe
 
 CHUNK_BYTES = 1 << 20
@@ -179,12 +180,12 @@ def run_push(args: argparse.Namespace) -> int:
             if not args.no_check:
                 check_locally(args.dir, ctl.rules())
             total = sum(p.stat().st_size for _, p in files)
-            bar = ProgressBar(total) if total >= PROGRESS_FROM_BYTES and sys.stderr.isatty() else None
+            bar = UploadBar(sys.stderr, total) if total >= PROGRESS_FROM_BYTES else None
             requests = push_requests(files, args.name, description=args.description, public=args.public,
                                      progress=bar.advance if bar else None)
             adapter = ctl.stub.PushAdapter(requests, **ctl._kw())
             if bar:
-                bar.done()
+                bar.close()
     except adapterd_rules.AdapterdError as e:
         code = check_code(e)
         print(f"adapterctl: {code.name}: {safe(e)} (checked locally; nothing was uploaded)", file=sys.stderr)
@@ -192,7 +193,7 @@ def run_push(args: argparse.Namespace) -> int:
     if args.json:
         print(_json(adapter))
     else:
-        print(f"pushed {safe(adapter.ref)} (sha256 {safe(adapter.sha256[:12])}, {_size(adapter.size_bytes)}, "
+        print(f"pushed {safe(adapter.ref)} (sha256 {safe(adapter.sha256[:12])}, {size(adapter.size_bytes)}, "
               f"{_kind(adapter)})")
     return 0
 
@@ -245,7 +246,7 @@ COLUMNS = ("NAME", "VERSION", "TENANT", "KIND", "RANK", "SIZE", "WHERE", "REQUES
 
 def table(adapters: list[pb.Adapter]) -> str:
     rows = [COLUMNS] + [tuple(safe(cell) for cell in (
-        a.name, str(a.version), a.tenant, a.kind or "lora", str(a.rank) if a.rank else "-", _size(a.size_bytes),
+        a.name, str(a.version), a.tenant, a.kind or "lora", str(a.rank) if a.rank else "-", size(a.size_bytes),
         _enum_name(pb.Residence, a.residence, "RESIDENCE_"), str(a.request_count),
         _enum_name(pb.Source, a.source, "SOURCE_") + (f" ({a.job_id})" if a.job_id else ""),
         _enum_name(pb.Visibility, a.visibility, "VISIBILITY_"),
@@ -275,13 +276,6 @@ def _kind(a: pb.Adapter) -> str:
     return kind
 
 
-def _size(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n} B"
-
 
 def _dict(message) -> dict:
     return MessageToDict(message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
@@ -291,28 +285,17 @@ def _json(message) -> str:
     return json_line(_dict(message))
 
 
-class ProgressBar:
-    """One line on stderr: [#####     ]  42%  12.0/28.5 MiB  3.1 MiB/s."""
+class UploadBar(Progress):
+    """sent 12.0 MiB/28.5 MiB [##########..............]  42% 3.1 MiB/s"""
 
-    def __init__(self, total: int, width: int = 30):
-        self.total, self.width, self.sent = max(total, 1), width, 0
-        self.start = self._last = time.monotonic()
+    MIN_REDRAW_S = 0.1  # advance() comes once a chunk
+
+    def __init__(self, out, total: int):
+        super().__init__(out)
+        self.total, self.sent = max(total, 1), 0
 
     def advance(self, n: int) -> None:
         self.sent += n
-        now = time.monotonic()
-        if now - self._last >= 0.1 or self.sent >= self.total:
-            self._last = now
-            self._draw(now)
-
-    def _draw(self, now: float) -> None:
-        frac = min(self.sent / self.total, 1.0)
-        filled = int(frac * self.width)
-        rate = self.sent / max(now - self.start, 1e-6)
-        sys.stderr.write(f"\r[{'#' * filled}{' ' * (self.width - filled)}] {frac:4.0%}  "
-                         f"{_size(self.sent)}/{_size(self.total)}  {_size(int(rate))}/s")
-        sys.stderr.flush()
-
-    def done(self) -> None:
-        self._draw(time.monotonic())
-        sys.stderr.write("\n")
+        rate = self.sent / max(self.elapsed(), 1e-6)
+        self.show(self.sent / self.total, f"sent {size(self.sent)}/{size(self.total)}", f"{size(rate)}/s",
+                  final=self.sent >= self.total)

@@ -17,7 +17,6 @@ import hashlib
 import os
 import shutil
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 
@@ -25,6 +24,7 @@ from adapterd_api.v1 import export_pb2 as pb
 from adapterd_api.v1 import export_pb2_grpc as pb_grpc
 
 from adapterctl.client import Client
+from adapterctl.progress import Progress
 from adapterctl.terminal import safe
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -131,39 +131,10 @@ def run_export(args: argparse.Namespace) -> int:
     return 0
 
 
-class ByteBar:
-    """received 120.5/513.2 MiB [######..................] 23% 41.2 MiB/s
-
-    Redrawn in place on a terminal; elsewhere one line per tenth."""
-
-    WIDTH = 24
-
-    def __init__(self, out):
-        self.out = out
-        self.tty = hasattr(out, "isatty") and out.isatty()
-        self.started = time.monotonic()
-        self.last_tenth = -1
-        self.shown = False
+class ByteBar(Progress):
+    """received 120.5/513.2 MiB [######..................] 23% 41.2 MiB/s"""
 
     def update(self, done: int, total: int) -> None:
-        frac = done / total if total else 1.0
-        filled = int(frac * self.WIDTH)
-        rate = done / max(time.monotonic() - self.started, 1e-9) / 2**20
-        line = (f"received {done / 2**20:.1f}/{total / 2**20:.1f} MiB [{'#' * filled}{'.' * (self.WIDTH - filled)}] "
-                f"{frac:4.0%} {rate:.1f} MiB/s")
-        if self.tty:
-            self.out.write("\r\x1b[K" + line)
-            self.shown = True
-        elif int(frac * 10) > self.last_tenth:
-            self.last_tenth = int(frac * 10)
-            self.out.write(line + "\n")
-        self.out.flush()
-
-    def note(self, text: str) -> None:
-        self.out.write(text + "\n")
-        self.out.flush()
-
-    def close(self) -> None:
-        if self.tty and self.shown:
-            self.out.write("\n")
-            self.out.flush()
+        rate = done / max(self.elapsed(), 1e-9)
+        self.show(done / total if total else 1.0, f"received {done / 2**20:.1f}/{total / 2**20:.1f} MiB",
+                  f"{rate / 2**20:.1f} MiB/s", final=done >= total)

@@ -31,6 +31,7 @@ from adapterd_api.v1 import training_pb2_grpc as pb_grpc
 from google.protobuf.json_format import MessageToDict
 
 from adapterctl.client import Client
+from adapterctl.progress import Progress
 from adapterctl.terminal import json_line, safe
 
 CHUNK_BYTES = 1 << 20
@@ -273,49 +274,15 @@ def follow(training: TrainingClient, job_id: str, out=None) -> int:
     return 0
 
 
-class ProgressBar:
-    """step 40/240 [#####.........] 17% loss 2.237 lr 2.9e-03 1165 tok/s eta 0:17
-
-    Redrawn in place on a terminal; elsewhere (a log, a pipe) one line per tenth of the run."""
-
-    WIDTH = 24
-
-    def __init__(self, out):
-        self.out = out
-        self.tty = hasattr(out, "isatty") and out.isatty()
-        self.shown = False
-        self.last_tenth = -1
-        self.line = ""
+class ProgressBar(Progress):
+    """step 40/240 [#####.........] 17% loss 2.237 lr 2.9e-03 1165 tok/s eta 0:17"""
 
     def update(self, e: pb.JobEvent) -> None:
         total = max(e.total_steps, 1)
-        done = min(e.step / total, 1.0)
-        filled = int(done * self.WIDTH)
         eta = e.elapsed_s / max(e.step, 1) * (total - e.step)
-        self.line = (
-            f"step {e.step}/{total} [{'#' * filled}{'.' * (self.WIDTH - filled)}] {done:4.0%} "
-            f"loss {e.loss:.4f} lr {e.learning_rate:.1e} {e.tokens_per_second:.0f} tok/s eta {_duration(eta)}"
-        )
-        if self.tty:
-            self.out.write("\r\x1b[K" + self.line)
-            self.shown = True
-        elif int(done * 10) > self.last_tenth or e.step == total:
-            self.last_tenth = int(done * 10)
-            self.out.write(self.line + "\n")
-        self.out.flush()
-
-    def note(self, text: str) -> None:
-        """A line of its own above the bar."""
-        if self.tty and self.shown:
-            self.out.write("\r\x1b[K" + text + "\n" + self.line)
-        else:
-            self.out.write(text + "\n")
-        self.out.flush()
-
-    def close(self) -> None:
-        if self.tty and self.shown:
-            self.out.write("\n")
-            self.out.flush()
+        self.show(e.step / total, f"step {e.step}/{total}",
+                  f"loss {e.loss:.4f} lr {e.learning_rate:.1e} {e.tokens_per_second:.0f} tok/s eta {_duration(eta)}",
+                  final=e.step >= total)
 
 
 def retention_line(job: pb.Job) -> str:
