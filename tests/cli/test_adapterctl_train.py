@@ -87,6 +87,6 @@ def test_retention_is_shown_with_where_its_references_came_from():
 
 
 def test_new_training_flags_reach_the_spec():
-    h = _hyperparameters(replay_ratio=0.5, min_retention=0.9, method="lora", use_dora=None)
-    assert (h.replay_ratio, h.min_retention, h.method, h.use_dora) == (0.5, 0.9, "lora", False)
+    h = _hyperparameters(replay_ratio=0.5, replay_loss="ce", min_retention=0.9, method="lora", use_dora=None)
+    assert (h.replay_ratio, h.replay_loss, h.min_retention, h.method, h.use_dora) == (0.5, "ce", 0.9, "lora", False)
     assert not _hyperparameters().HasField("replay_ratio")  # unset: the server's default

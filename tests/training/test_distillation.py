@@ -1,6 +1,6 @@
 """Replay as self-distillation (--replay-loss kl): the training loss against a plain reference.
 
-On a tiny Llama with LoRA, the DistillationTrainer's loss on a batch of task and replay rows
+On a tiny Llama with LoRA, prompt or prefix tuning, the DistillationTrainer's loss on a batch of task and replay rows
 must equal, computed apart: the cross-entropy of the task rows' completion tokens under the
 adapter, plus KL(base || adapter) at every real position of the replay rows, the base's
 distribution taken from a separate copy of the model with no adapter, over the count of both
@@ -14,7 +14,7 @@ import pytest
 import torch
 from adapterd.training.data import IGNORE_INDEX, collate
 from adapterd.training.worker import DistillationTrainer
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig, PrefixTuningConfig, PromptTuningConfig, get_peft_model
 from transformers import AutoModelForCausalLM, TrainingArguments
 
 
@@ -31,7 +31,7 @@ def batch(pad_id: int) -> dict:
 
 def reference_loss(peft_model, base, inputs) -> torch.Tensor:
     ids, mask, labels, replay = inputs["input_ids"], inputs["attention_mask"], inputs["labels"], inputs["replay"]
-    student = peft_model(input_ids=ids, attention_mask=mask).logits.float()  # (B, T, V)
+    student = peft_model(input_ids=ids, attention_mask=mask).logits[:, -ids.shape[1]:].float()  # (B, T, V)
     with torch.no_grad():
         teacher = base(input_ids=ids, attention_mask=mask).logits.float()  # (B, T, V)
     total, count = torch.zeros(()), 0
@@ -55,10 +55,15 @@ def models(model_factory):
     src = model_factory("llama")
     base = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
 
-    def peft(init: bool):
+    def peft(init: bool, method: str = "lora"):
         model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
         torch.manual_seed(1)
-        config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=init, lora_dropout=0.0)
+        config = {
+            "lora": lambda: LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=init,
+                                       lora_dropout=0.0),
+            "prompt-tuning": lambda: PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3),
+            "prefix-tuning": lambda: PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3),
+        }[method]()
         return get_peft_model(model, config)
 
     return base, peft
@@ -69,9 +74,10 @@ def trainer(model, tmp_path) -> DistillationTrainer:
     return DistillationTrainer(model=model, args=args)
 
 
-def test_loss_equals_the_plain_reference(models, tmp_path):
+@pytest.mark.parametrize("method", ["lora", "prompt-tuning", "prefix-tuning"])
+def test_loss_equals_the_plain_reference(models, tmp_path, method):
     base, peft = models
-    model = peft(init=False)  # random A and B: the adapter moves the logits
+    model = peft(init=False, method=method)  # random weights: the adapter moves the logits
     inputs = batch(pad_id=0)
     loss = trainer(model, tmp_path).compute_loss(model, inputs)
     expected = reference_loss(model, base, inputs)
@@ -80,7 +86,8 @@ def test_loss_equals_the_plain_reference(models, tmp_path):
 
     loss.backward()
     grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
-    assert grads and all("lora_" in n for n in grads)  # the base (the teacher too) gets no gradient
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert grads and set(grads) <= trained  # the base (the teacher too) gets no gradient
     assert all(g.abs().sum() > 0 for g in grads.values())
 
 

@@ -6,7 +6,8 @@ never trained on; so the base here is the tiny Llama first taught one general be
 like any base. The task (short pandas questions, each prefixed "pandas:") pulls the adapter
 towards answering code: without replay it forgets the behaviour on the built-in retention
 prompts, and --min-retention fails the job unpublished with the figures; with replay (the
-base's own answers to other general prompts), the same job keeps it.
+base's own answers to other general prompts, learned as its distribution or as its tokens),
+the same job keeps it.
 """
 
 from __future__ import annotations
@@ -95,24 +96,25 @@ def test_retention_by_default_min_retention_and_replay(assistant_base, tmp_path)
                       eval_max_new_tokens=32, seed=3, min_retention=0.9)
         forgot, _ = run(manager, TrainingSpec(name="plain", **common))
         kept, events = run(manager, TrainingSpec(name="replayed", replay_ratio=2.0, **common))
+        tokens, _ = run(manager, TrainingSpec(name="tokens", replay_ratio=2.0, replay_loss="ce", **common))
     finally:
         manager.close()
 
     # Scored on the built-in general set by default, against the base model's own answers.
-    for job in (forgot, kept):
+    for job in (forgot, kept, tokens):
         r = job.evaluation["retention"]
         assert r["references"] == "base" and r["examples"] == 24 == job.retention_examples
         assert r["base"]["rougeL"]["f1"] == pytest.approx(1.0)
         assert {s["reference"] for s in r["base"]["samples"]} == {ANSWER}  # the base kept its behaviour in NF4
-    # The task was learned both times.
-    for job in (forgot, kept):
+    # The task was learned every time.
+    for job in (forgot, kept, tokens):
         assert job.evaluation["validation"]["adapter"]["rougeL"]["f1"] > 0.8
 
     # Without replay the adapter forgets: the job fails with the figures, unpublished.
     plain = forgot.evaluation["retention"]["adapter"]["rougeL"]["f1"]
     assert forgot.state == "failed" and not forgot.adapter
     assert "below --min-retention 0.9" in forgot.error and f"{plain:.4f}" in forgot.error
-    assert published == ["replayed"]
+    assert published == ["replayed", "tokens"]
 
     # With replay: 2 x 12 examples of the base's answers trained on beside the task, and kept.
     assert kept.training["replay_examples"] == 24
@@ -120,3 +122,7 @@ def test_retention_by_default_min_retention_and_replay(assistant_base, tmp_path)
     assert any("replay: the base model answers 24 general prompts" in e.data.get("message", "") for e in events)
     replayed = kept.evaluation["retention"]["adapter"]["rougeL"]["f1"]
     assert kept.state == "succeeded" and replayed >= 0.9 > plain, (replayed, plain)
+    # Replay learned as the base's greedy tokens (--replay-loss ce) rather than its whole
+    # distribution (kl, the default) keeps it too.
+    assert tokens.training["replay_examples"] == 24 and tokens.state == "succeeded"
+    assert tokens.evaluation["retention"]["adapter"]["rougeL"]["f1"] >= 0.9

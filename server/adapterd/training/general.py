@@ -6,10 +6,10 @@ every job that has no --retention-file. No licensed reference answers come with 
 references are the base model's own greedy answers, computed by the job, so the adapter's
 ROUGE-L against them says how much of the base's behaviour it kept (the base scores 1.0).
 
-Replay (`REPLAY`) is a separate set of the same kinds, never scored: with --replay-ratio R
-the job asks the base model each of R x (training examples) of them, greedily, and trains
-on its answers beside the task, so the adapter keeps answering general questions as the
-base did (self-distillation). The two sets share no instruction, so retention measures
+Replay (`REPLAY`, 249 instructions) is a separate set of the same kinds, never scored: with
+--replay-ratio R the job asks the base model R x (training examples) of them (cycled when
+more are asked for), greedily, and trains on its answers beside the task, so the adapter
+keeps answering general questions as the base did (self-distillation). The two sets share no instruction, so retention measures
 what replay kept on questions the adapter was never trained on.
 """
 

@@ -7,7 +7,9 @@ with double quantization by default), puts LoRA on it with
 PEFT, and trains with transformers' Trainer: cosine schedule with warmup, loss on the
 completion tokens only, gradient checkpointing, paged 8-bit AdamW on a GPU (AdamW on the
 CPU), early stopping on the validation loss. With --replay-ratio it first asks the base
-model general prompts (general.py) and trains on its answers beside the task. Then it
+model general prompts (general.py) and trains on its answers beside the task: by default
+on the base's whole next-token distribution there (DistillationTrainer, --replay-loss kl),
+else on its answer tokens (ce). Then it
 saves the adapter and evaluates it beside the base model (evaluate.py) on the validation
 split and the retention split (the --retention-file, else the built-in general set with
 the base model's answers as references). A crash or an OOM here ends this process only.
