@@ -9,8 +9,8 @@ completion tokens only, gradient checkpointing, paged 8-bit AdamW on a GPU (Adam
 CPU), early stopping on the validation loss. With --replay-ratio it first asks the base
 model general prompts (general.py) and trains on its answers beside the task: by default
 on the base's whole next-token distribution there (DistillationTrainer, --replay-loss kl),
-else on its answer tokens (ce). Then it
-saves the adapter and evaluates it beside the base model (evaluate.py) on the validation
+else on its answer tokens (ce). Then it saves the adapter and evaluates it beside the
+base model (evaluate.py) on the validation
 split and the retention split (the --retention-file, else the built-in general set with
 the base model's answers as references). A crash or an OOM here ends this process only.
 
@@ -189,6 +189,7 @@ def train(job_dir: Path, settings: dict, events: Events, cancel: threading.Event
     callbacks = [EventsCallback(events, cancel)]
     if evaluating and spec.early_stopping:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=spec.early_stopping_patience))
+
     def data_collator(batch):
         out = collate([(f["input_ids"], f["labels"]) for f in batch], tokenizer.pad_token_id)
         if distill:  # which rows are replay, for the distillation loss
