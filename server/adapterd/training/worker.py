@@ -10,9 +10,9 @@ CPU), early stopping on the validation loss. With --replay-ratio it first asks t
 model general prompts (general.py) and trains on its answers beside the task: by default
 on the base's whole next-token distribution there (DistillationTrainer, --replay-loss kl),
 else on its answer tokens (ce). Then it saves the adapter and evaluates it beside the
-base model (evaluate.py) on the validation
-split and the retention split (the --retention-file, else the built-in general set with
-the base model's answers as references). A crash or an OOM here ends this process only.
+base model (evaluate.py) on the validation split and the retention split (the
+--retention-file, else the built-in general set with the base model's answers as
+references). A crash or an OOM here ends this process only.
 
 It reads its settings (the spec, the base model, the device) as JSON on stdin and the
 checked examples the server wrote into JOB_DIR, and reports
