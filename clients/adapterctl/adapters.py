@@ -276,7 +276,6 @@ def _kind(a: pb.Adapter) -> str:
     return kind
 
 
-
 def _dict(message) -> dict:
     return MessageToDict(message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
 
@@ -297,5 +296,4 @@ class UploadBar(Progress):
     def advance(self, n: int) -> None:
         self.sent += n
         rate = self.sent / max(self.elapsed(), 1e-6)
-        self.show(self.sent / self.total, f"sent {size(self.sent)}/{size(self.total)}", f"{size(rate)}/s",
-                  final=self.sent >= self.total)
+        self.show(self.sent / self.total, f"sent {size(self.sent)}/{size(self.total)}", f"{size(rate)}/s")

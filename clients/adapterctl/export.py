@@ -137,4 +137,4 @@ class ByteBar(Progress):
     def update(self, done: int, total: int) -> None:
         rate = done / max(self.elapsed(), 1e-9)
         self.show(done / total if total else 1.0, f"received {done / 2**20:.1f}/{total / 2**20:.1f} MiB",
-                  f"{rate / 2**20:.1f} MiB/s", final=done >= total)
+                  f"{rate / 2**20:.1f} MiB/s")

@@ -41,11 +41,12 @@ class Progress:
     def elapsed(self) -> float:
         return time.monotonic() - self.started
 
-    def show(self, frac: float, before: str, after: str, *, final: bool = False) -> None:
+    def show(self, frac: float, before: str, after: str) -> None:
+        """Draws the line at `frac` of the work (1: done, always drawn)."""
         frac = min(max(frac, 0.0), 1.0)
         filled = int(frac * self.WIDTH)
         self.line = f"{before} [{'#' * filled}{'.' * (self.WIDTH - filled)}] {frac:4.0%} {after}"
-        final = final or frac >= 1.0
+        final = frac >= 1.0
         if self.tty:
             now = time.monotonic()
             if now - self._last_draw < self.MIN_REDRAW_S and not final and self.shown:
@@ -53,8 +54,8 @@ class Progress:
             self._last_draw = now
             self.out.write("\r\x1b[K" + self.line)
             self.shown = True
-        elif int(frac * 10) > self._last_tenth or (final and self._last_tenth < 10):
-            self._last_tenth = 10 if final else int(frac * 10)
+        elif int(frac * 10) > self._last_tenth:  # done is the tenth tenth
+            self._last_tenth = int(frac * 10)
             self.out.write(self.line + "\n")
         self.out.flush()
 

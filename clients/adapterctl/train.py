@@ -281,8 +281,7 @@ class ProgressBar(Progress):
         total = max(e.total_steps, 1)
         eta = e.elapsed_s / max(e.step, 1) * (total - e.step)
         self.show(e.step / total, f"step {e.step}/{total}",
-                  f"loss {e.loss:.4f} lr {e.learning_rate:.1e} {e.tokens_per_second:.0f} tok/s eta {_duration(eta)}",
-                  final=e.step >= total)
+                  f"loss {e.loss:.4f} lr {e.learning_rate:.1e} {e.tokens_per_second:.0f} tok/s eta {_duration(eta)}")
 
 
 def retention_line(job: pb.Job) -> str:
