@@ -14,7 +14,7 @@ For each job (same data, split, seed and hyperparameters; only replay_ratio diff
 Goal (issue 17): with replay, retention >= 0.9 while gain_kept >= 0.95.
 
     python bench/replay.py [--replay-ratio 0 1] [--replay-loss kl|ce] [--epochs 2] [--lr 1e-3] [--batch-size 4]
-        [--rank R] [--alpha A] [--target-modules NAME ...]
+        [--rank R] [--alpha A] [--target-modules NAME ...] [--keep DIR]
         [--eval-max-new-tokens 32] [--max-eval-examples 100] [--training-threads 1] [--base-model ...]
 
 --eval-max-new-tokens caps every greedy generation of a job: the task's evaluation (each
@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -110,6 +111,8 @@ def main() -> int:
                         help="the first N lines of adapters/examples/pandas_numpy.jsonl (default: all 261)")
     parser.add_argument("--training-threads", type=int, default=1, help="the worker's torch threads (0: every core)")
     parser.add_argument("--training-nice", type=int, default=19)
+    parser.add_argument("--keep", type=Path, default=None, metavar="DIR",
+                        help="copy the run's registry (the jobs' adapters) to DIR/registry, for bench/divergence.py")
     parser.add_argument("--base-model", default=None, metavar="DIR|FILE.gguf|demo",
                         help="default: SmolLM2-135M-Instruct, the server's default")
     args = parser.parse_args()
@@ -134,6 +137,8 @@ def main() -> int:
                 print(json.dumps(runs[-1]), file=sys.stderr, flush=True)
         finally:
             service.stop()
+            if args.keep is not None:
+                shutil.copytree(root / "registry", args.keep / "registry", dirs_exist_ok=True)
     plain = next((r for r in runs if r["replay_ratio"] == 0), None)
     for r in runs:
         if plain is not None and r is not plain:

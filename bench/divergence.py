@@ -1,0 +1,132 @@
+"""Where an adapter's greedy answers leave the base model's, on general prompts: the
+retention set (held out from training) and the replay prompts a replay job trained on.
+Prints one JSON object per set.
+
+For each set, the first N prompts (the replay prompts in the order a job with the same
+--seed takes them), both answered greedily to --max-new-tokens as a job's evaluation does:
+
+    rougeL_f1                           the adapter's ROUGE-L F1 against the base's answers
+                                        (the job's retention, on these prompts)
+    identical / diverged                answers equal token for token, or not
+    first_divergence_token_median       where the diverged ones first differ
+    base_margin_at_divergence_q25_50_75 the base's top-1 minus top-2 log-probability there,
+                                        quartiles (nats): how near a tie the flipped token was
+    adapter_took_base_second            diverged answers whose first differing token is the
+                                        base's second choice
+    adapter_stopped_there               diverged answers that end there (end of turn or EOS)
+
+Train-set figures as low as held-out ones mean replay's fit, not its reach to new prompts,
+is what limits retention.
+
+    python bench/divergence.py REGISTRY NAME [--version V] [--prompts 48] [--seed 0]
+        [--max-new-tokens 32] [--base-model ...]
+
+REGISTRY is a registry directory (`bench/replay.py --keep DIR` writes DIR/registry).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+
+def adapter_dir(registry: Path, name: str, version: int | None, into: Path) -> Path:
+    """The PEFT directory of NAME (its latest version, or `version`) in the default tenant's registry."""
+    versions = sorted((registry / "meta" / "default" / name).glob("*.json"))
+    if not versions:
+        raise SystemExit(f"divergence.py: no adapter {name!r} in {registry}")
+    meta_file = versions[-1] if version is None else registry / "meta" / "default" / name / f"{version:08d}.json"
+    meta = json.loads(meta_file.read_text())
+    for file_name, blob in meta["files"].items():
+        shutil.copy(registry / "blobs" / blob["sha256"][:2] / blob["sha256"], into / file_name)
+    return into
+
+
+def divergence(model, tokenizer, examples, *, max_new_tokens: int) -> dict:
+    from adapterd.engine.chat import eos_token_ids
+    from adapterd.training import evaluate
+
+    stops = eos_token_ids(model, tokenizer)
+    with model.disable_adapter():
+        base = evaluate.generate_ids(model, tokenizer, examples, batch_size=evaluate.GENERATE_BATCH,
+                                     max_new_tokens=max_new_tokens)
+    adapted = evaluate.generate_ids(model, tokenizer, examples, batch_size=evaluate.GENERATE_BATCH,
+                                    max_new_tokens=max_new_tokens)
+    text = [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in adapted]
+    references = [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in base]
+    identical, margins, positions, second, stopped = 0, [], [], 0, 0
+    for example, b, a in zip(examples, base, adapted, strict=True):
+        k = next((i for i, (x, y) in enumerate(zip(b, a, strict=False)) if x != y), min(len(a), len(b)))  # a prefix: where the shorter ends
+        if a == b:
+            identical += 1
+            continue
+        positions.append(k)
+        prefix = torch.tensor([evaluate._prompt_ids(example, tokenizer) + b[:k]])  # (1, T)
+        with torch.no_grad(), model.disable_adapter():
+            logprobs = model(input_ids=prefix).logits[0, -1].float().log_softmax(-1)  # (V,)
+        top = logprobs.topk(2)
+        margins.append(float(top.values[0] - top.values[1]))
+        if k < len(a):
+            second += a[k] == int(top.indices[1])
+            stopped += a[k] in stops
+    margins.sort()
+    positions.sort()
+
+    def quantile(q: float):
+        return round(margins[int(q * (len(margins) - 1))], 3) if margins else None
+
+    return {
+        "prompts": len(examples),
+        "rougeL_f1": round(evaluate.rouge(text, references)["rougeL"]["f1"], 3),
+        "identical": identical,
+        "diverged": len(margins),
+        "first_divergence_token_median": positions[len(positions) // 2] if positions else None,
+        "base_margin_at_divergence_q25_50_75": [quantile(0.25), quantile(0.5), quantile(0.75)],
+        "adapter_took_base_second": second,
+        "adapter_stopped_there": stopped,
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("registry", type=Path, help="a registry directory")
+    parser.add_argument("name", help="the adapter's name (the default tenant's)")
+    parser.add_argument("--version", type=int, default=None, help="default: the latest")
+    parser.add_argument("--prompts", type=int, default=48, help="prompts per set")
+    parser.add_argument("--seed", type=int, default=0, help="the job's seed: the replay prompts' order")
+    parser.add_argument("--max-new-tokens", type=int, default=32, help="the job's --eval-max-new-tokens")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--base-model", default=None, metavar="DIR|FILE.gguf|demo",
+                        help="default: SmolLM2-135M-Instruct, the server's default")
+    args = parser.parse_args()
+
+    from adapterd.engine.model import base_model_dir, load_base_model, parse_dtype
+    from adapterd.training import general
+    from adapterd.training.data import instruction
+    from peft import PeftModel
+
+    torch.set_num_threads(args.threads)
+    device = torch.device("cpu")
+    model, tokenizer, _ = load_base_model(base_model_dir(args.base_model), device=device,
+                                          compute_dtype=parse_dtype(None, device), quantization="nf4")
+    with tempfile.TemporaryDirectory(prefix="adapterd-divergence-") as tmp:
+        model = PeftModel.from_pretrained(model, adapter_dir(args.registry, args.name, args.version, Path(tmp))).eval()
+    order = list(general.REPLAY)
+    random.Random(args.seed).shuffle(order)  # as worker.replay_examples takes them
+    sets = {"retention": general.RETENTION[: args.prompts], "replay (trained on)": order[: args.prompts]}
+    for label, prompts in sets.items():
+        examples = [instruction(p, tokenizer, i + 1) for i, p in enumerate(prompts)]
+        print(json.dumps({"set": label, **divergence(model, tokenizer, examples, max_new_tokens=args.max_new_tokens)}),
+              flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
