@@ -43,6 +43,8 @@ def adapter_dir(registry: Path, name: str, version: int | None, into: Path) -> P
     if not versions:
         raise SystemExit(f"divergence.py: no adapter {name!r} in {registry}")
     meta_file = versions[-1] if version is None else registry / "meta" / "default" / name / f"{version:08d}.json"
+    if not meta_file.is_file():
+        raise SystemExit(f"divergence.py: no version {version} of {name!r} in {registry}")
     meta = json.loads(meta_file.read_text())
     for file_name, blob in meta["files"].items():
         shutil.copy(registry / "blobs" / blob["sha256"][:2] / blob["sha256"], into / file_name)
