@@ -18,7 +18,7 @@ For each set, the first N prompts (the replay prompts in the order a job with th
 Train-set figures as low as held-out ones mean replay's fit, not its reach to new prompts,
 is what limits retention.
 
-    python bench/divergence.py REGISTRY NAME [--version V] [--prompts 48] [--seed 0]
+    python bench/divergence.py REGISTRY NAME[@V] [--prompts 48] [--seed 0]
         [--max-new-tokens 32] [--base-model ...]
 
 REGISTRY is a registry directory (`bench/replay.py --keep DIR` writes DIR/registry).
@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -37,17 +36,15 @@ from pathlib import Path
 import torch
 
 
-def adapter_dir(registry: Path, name: str, version: int | None, into: Path) -> Path:
-    """The PEFT directory of NAME (its latest version, or `version`) in the default tenant's registry."""
-    versions = sorted((registry / "meta" / "default" / name).glob("*.json"))
-    if not versions:
-        raise SystemExit(f"divergence.py: no adapter {name!r} in {registry}")
-    meta_file = versions[-1] if version is None else registry / "meta" / "default" / name / f"{version:08d}.json"
-    if not meta_file.is_file():
-        raise SystemExit(f"divergence.py: no version {version} of {name!r} in {registry}")
-    meta = json.loads(meta_file.read_text())
-    for file_name, blob in meta["files"].items():
-        shutil.copy(registry / "blobs" / blob["sha256"][:2] / blob["sha256"], into / file_name)
+def adapter_dir(registry: Path, ref: str, into: Path) -> Path:
+    """The PEFT directory of REF (NAME or NAME@V, the default tenant's), read through the
+    registry (its files checked against their recorded sha256)."""
+    from adapterd.registry.storage import open_storage
+    from adapterd.registry.store import Registry
+
+    store = Registry(open_storage(registry))
+    for file_name, data in store.read_files(store.resolve("default", ref)).items():
+        (into / file_name).write_bytes(data)
     return into
 
 
@@ -99,8 +96,7 @@ def divergence(model, tokenizer, examples, *, max_new_tokens: int) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("registry", type=Path, help="a registry directory")
-    parser.add_argument("name", help="the adapter's name (the default tenant's)")
-    parser.add_argument("--version", type=int, default=None, help="default: the latest")
+    parser.add_argument("ref", metavar="NAME[@V]", help="the adapter (the default tenant's; default: its latest version)")
     parser.add_argument("--prompts", type=int, default=48, help="prompts per set")
     parser.add_argument("--seed", type=int, default=0, help="the job's seed: the replay prompts' order")
     parser.add_argument("--max-new-tokens", type=int, default=32, help="the job's --eval-max-new-tokens")
@@ -109,6 +105,7 @@ def main() -> int:
                         help="default: SmolLM2-135M-Instruct, the server's default")
     args = parser.parse_args()
 
+    from adapterd import errors
     from adapterd.engine.model import base_model_dir, load_base_model, parse_dtype
     from adapterd.training import general
     from adapterd.training.data import instruction
@@ -119,7 +116,11 @@ def main() -> int:
     model, tokenizer, _ = load_base_model(base_model_dir(args.base_model), device=device,
                                           compute_dtype=parse_dtype(None, device), quantization="nf4")
     with tempfile.TemporaryDirectory(prefix="adapterd-divergence-") as tmp:
-        model = PeftModel.from_pretrained(model, adapter_dir(args.registry, args.name, args.version, Path(tmp))).eval()
+        try:
+            files = adapter_dir(args.registry, args.ref, Path(tmp))
+        except errors.AdapterdError as e:
+            raise SystemExit(f"divergence.py: {e}") from e
+        model = PeftModel.from_pretrained(model, files).eval()
     order = list(general.REPLAY)
     random.Random(args.seed).shuffle(order)  # as worker.replay_examples takes them
     sets = {"retention": general.RETENTION[: args.prompts], "replay (trained on)": order[: args.prompts]}
