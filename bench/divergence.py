@@ -1,6 +1,8 @@
 """Where an adapter's greedy answers leave the base model's, on general prompts: the
 retention set (held out from training) and the replay prompts a replay job trained on.
-Prints one JSON object per set.
+Prints one JSON object per set. With --quantization Q instead of an adapter: where the base
+model stored as Q (none: float32) answers otherwise than the NF4 base the server serves, a
+change of the same model that users take as no change, to set the adapter's figures by.
 
 For each set, the first N prompts (the replay prompts in the order a job with the same
 --seed takes them), both answered greedily to --max-new-tokens as a job's evaluation does:
@@ -14,12 +16,17 @@ For each set, the first N prompts (the replay prompts in the order a job with th
     adapter_took_base_second            diverged answers whose first differing token is the
                                         base's second choice
     adapter_stopped_there               diverged answers that end there (end of turn or EOS)
+    top1_agreement                      teacher-forced on the base's answers: the share of
+                                        answer positions where the adapter's top token is
+                                        the base's (1 would give the base's answers exactly)
+    kl_per_answer_token                 KL(base || adapter) there, mean (nats)
 
 Train-set figures as low as held-out ones mean replay's fit, not its reach to new prompts,
 is what limits retention.
 
     python bench/divergence.py REGISTRY NAME[@V] [--prompts 48] [--seed 0]
         [--max-new-tokens 32] [--base-model ...]
+    python bench/divergence.py --quantization none|int8|fp4 [--prompts 48] ...
 
 REGISTRY is a registry directory (`bench/replay.py --keep DIR` writes DIR/registry).
 """
@@ -31,6 +38,8 @@ import json
 import random
 import sys
 import tempfile
+from contextlib import contextmanager, nullcontext
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -48,16 +57,24 @@ def adapter_dir(registry: Path, ref: str, into: Path) -> Path:
     return into
 
 
-def divergence(model, tokenizer, examples, *, max_new_tokens: int) -> dict:
+def divergence(base_model, other_model, tokenizer, examples, *, max_new_tokens: int) -> dict:
+    """`base_model()`, `other_model()`: context managers that give the model to run as the
+    base and as the one compared with it (a PeftModel with its adapter disabled, and on)."""
     from adapterd.engine.chat import eos_token_ids
     from adapterd.training import evaluate
 
-    stops = eos_token_ids(model, tokenizer)
-    with model.disable_adapter():
-        base = evaluate.generate_ids(model, tokenizer, examples, batch_size=evaluate.GENERATE_BATCH,
-                                     max_new_tokens=max_new_tokens)
-    adapted = evaluate.generate_ids(model, tokenizer, examples, batch_size=evaluate.GENERATE_BATCH,
-                                    max_new_tokens=max_new_tokens)
+    def answers(model_of):
+        with model_of() as model, torch.no_grad():
+            return evaluate.generate_ids(model, tokenizer, examples, batch_size=evaluate.GENERATE_BATCH,
+                                         max_new_tokens=max_new_tokens)
+
+    def log_probs(model_of, ids: torch.Tensor) -> torch.Tensor:
+        with model_of() as model, torch.no_grad():
+            return model(input_ids=ids).logits[0].float().log_softmax(-1)  # (T, V)
+
+    with base_model() as model:
+        stops = eos_token_ids(model, tokenizer)
+    base, adapted = answers(base_model), answers(other_model)
     text = [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in adapted]
     references = [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in base]
     identical, margins, positions, second, stopped = 0, [], [], 0, 0
@@ -68,15 +85,22 @@ def divergence(model, tokenizer, examples, *, max_new_tokens: int) -> dict:
             continue
         positions.append(k)
         prefix = torch.tensor([evaluate._prompt_ids(example, tokenizer) + b[:k]])  # (1, T)
-        with torch.no_grad(), model.disable_adapter():
-            logprobs = model(input_ids=prefix).logits[0, -1].float().log_softmax(-1)  # (V,)
-        top = logprobs.topk(2)
+        top = log_probs(base_model, prefix)[-1].topk(2)
         margins.append(float(top.values[0] - top.values[1]))
         if k < len(a):
             second += a[k] == int(top.indices[1])
             stopped += a[k] in stops
     margins.sort()
     positions.sort()
+    agree, kl, count = 0, 0.0, 0
+    for example, b in zip(examples, base, strict=True):
+        prompt = evaluate._prompt_ids(example, tokenizer)
+        ids = torch.tensor([prompt + b])  # (1, T)
+        answer = slice(len(prompt) - 1, ids.shape[1] - 1)  # the positions that predict b
+        student, teacher = log_probs(other_model, ids)[answer], log_probs(base_model, ids)[answer]  # (A, V) each
+        agree += int((student.argmax(-1) == teacher.argmax(-1)).sum())
+        kl += float((teacher.exp() * (teacher - student)).sum())
+        count += student.shape[0]
 
     def quantile(q: float):
         return round(margins[int(q * (len(margins) - 1))], 3) if margins else None
@@ -90,13 +114,18 @@ def divergence(model, tokenizer, examples, *, max_new_tokens: int) -> dict:
         "base_margin_at_divergence_q25_50_75": [quantile(0.25), quantile(0.5), quantile(0.75)],
         "adapter_took_base_second": second,
         "adapter_stopped_there": stopped,
+        "top1_agreement": round(agree / max(1, count), 4),
+        "kl_per_answer_token": round(kl / max(1, count), 5),
     }
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("registry", type=Path, help="a registry directory")
-    parser.add_argument("ref", metavar="NAME[@V]", help="the adapter (the default tenant's; default: its latest version)")
+    parser.add_argument("registry", type=Path, nargs="?", help="a registry directory")
+    parser.add_argument("ref", metavar="NAME[@V]", nargs="?",
+                        help="the adapter (the default tenant's; default: its latest version)")
+    parser.add_argument("--quantization", choices=("none", "int8", "fp4"), default=None,
+                        help="no adapter: compare the base stored this way (none: float32) with the NF4 base")
     parser.add_argument("--prompts", type=int, default=48, help="prompts per set")
     parser.add_argument("--seed", type=int, default=0, help="the job's seed: the replay prompts' order")
     parser.add_argument("--max-new-tokens", type=int, default=32, help="the job's --eval-max-new-tokens")
@@ -104,6 +133,8 @@ def main() -> int:
     parser.add_argument("--base-model", default=None, metavar="DIR|FILE.gguf|demo",
                         help="default: SmolLM2-135M-Instruct, the server's default")
     args = parser.parse_args()
+    if (args.quantization is None) == (args.ref is None):
+        parser.error("give REGISTRY NAME[@V] (an adapter) or --quantization (another storage of the base), one of them")
 
     from adapterd import errors
     from adapterd.engine.model import base_model_dir, load_base_model, parse_dtype
@@ -113,21 +144,37 @@ def main() -> int:
 
     torch.set_num_threads(args.threads)
     device = torch.device("cpu")
-    model, tokenizer, _ = load_base_model(base_model_dir(args.base_model), device=device,
-                                          compute_dtype=parse_dtype(None, device), quantization="nf4")
-    with tempfile.TemporaryDirectory(prefix="adapterd-divergence-") as tmp:
-        try:
-            files = adapter_dir(args.registry, args.ref, Path(tmp))
-        except errors.AdapterdError as e:
-            raise SystemExit(f"divergence.py: {e}") from e
-        model = PeftModel.from_pretrained(model, files).eval()
+
+    def load(quantization: str):
+        return load_base_model(base_model_dir(args.base_model), device=device,
+                               compute_dtype=parse_dtype(None, device), quantization=quantization)[:2]
+
+    model, tokenizer = load("nf4")
+    model.eval()
+    if args.quantization:
+        other = load(args.quantization)[0].eval()
+        base_model, other_model = partial(nullcontext, model), partial(nullcontext, other)
+    else:
+        with tempfile.TemporaryDirectory(prefix="adapterd-divergence-") as tmp:
+            try:
+                files = adapter_dir(args.registry, args.ref, Path(tmp))
+            except errors.AdapterdError as e:
+                raise SystemExit(f"divergence.py: {e}") from e
+            model = PeftModel.from_pretrained(model, files).eval()
+
+        @contextmanager
+        def base_model():
+            with model.disable_adapter():
+                yield model
+
+        other_model = partial(nullcontext, model)
     order = list(general.REPLAY)
     random.Random(args.seed).shuffle(order)  # as worker.replay_examples takes them
     sets = {"retention": general.RETENTION[: args.prompts], "replay (trained on)": order[: args.prompts]}
     for label, prompts in sets.items():
         examples = [instruction(p, tokenizer, i + 1) for i, p in enumerate(prompts)]
-        print(json.dumps({"set": label, **divergence(model, tokenizer, examples, max_new_tokens=args.max_new_tokens)}),
-              flush=True)
+        figures = divergence(base_model, other_model, tokenizer, examples, max_new_tokens=args.max_new_tokens)
+        print(json.dumps({"set": label, **figures}), flush=True)
     return 0
 
 

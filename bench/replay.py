@@ -35,6 +35,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from adapterd.training.spec import REPLAY_LOSSES
 from train import DATASET, Service  # bench/train.py: the service on a loopback port
 
 
@@ -94,7 +95,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--replay-ratio", type=float, nargs="+", default=[0.0, 1.0],
                         help="one job per ratio, in this order; 0 = the job without replay (needed for gain_kept)")
-    parser.add_argument("--replay-loss", choices=("kl", "ce"), default="kl",
+    parser.add_argument("--replay-loss", choices=REPLAY_LOSSES, default="kl",
                         help="how the replay jobs learn the base's answers: its whole distribution (kl, the "
                         "server's default) or its greedy tokens (ce)")
     parser.add_argument("--epochs", type=float, default=2)
