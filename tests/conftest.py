@@ -146,7 +146,7 @@ def adapter_factory(tmp_path_factory):
 @pytest.fixture(scope="session")
 def s3_endpoint():
     """A real S3-compatible server (moto's standalone server, its conditional writes made
-    atomic as S3's are: tests/s3_server.py) on loopback, for the session. Yields its
+    atomic as S3's are: deploy/local/s3_server.py) on loopback, for the session. Yields its
     endpoint URL; each test makes its own bucket."""
     import os
     import socket
@@ -159,9 +159,9 @@ def s3_endpoint():
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = dict(os.environ, AWS_ACCESS_KEY_ID="test", AWS_SECRET_ACCESS_KEY="test", AWS_DEFAULT_REGION="us-east-1")
-    proc = subprocess.Popen([sys.executable, "-m", "tests.s3_server", "-H", "127.0.0.1", "-p", str(port)],
-                            cwd=Path(__file__).resolve().parent.parent, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = Path(__file__).resolve().parent.parent / "deploy" / "local" / "s3_server.py"
+    proc = subprocess.Popen([sys.executable, str(server), "-H", "127.0.0.1", "-p", str(port)],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 30
     while True:

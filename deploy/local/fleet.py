@@ -7,7 +7,8 @@
 
 What runs, all on 127.0.0.1, with its state (fleet.json) and logs in --run-dir:
 
-    moto S3 server        the shared registry; skipped when --registry names your own S3
+    moto S3 server        the shared registry (s3_server.py: moto, its conditional writes atomic
+                          as S3's are); skipped when --registry names your own S3
     replica-0 .. N-1      `adapterd serve`, each with its own port, metrics port and jobs dir
     nginx                 the gRPC balancer on --port: a consistent hash on the adapterd-adapter
                           header; /adapterd.v1.Training/ goes to replica-0, the training replica
@@ -229,7 +230,7 @@ def start(args: argparse.Namespace) -> int:
         registry, s3 = args.registry, []
         if registry is None:
             s3_port = free_port(host)
-            procs["moto"] = {"argv": [sys.executable, "-m", "moto.server", "-H", host, "-p", str(s3_port)],
+            procs["moto"] = {"argv": [sys.executable, str(HERE / "s3_server.py"), "-H", host, "-p", str(s3_port)],
                              "cwd": str(run), "env": MOTO_ENV, "log": str(run / "moto.log"),
                              "addr": f"http://{host}:{s3_port}"}
             spawn(procs["moto"])
