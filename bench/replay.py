@@ -14,7 +14,7 @@ For each job (same data, split, seed and hyperparameters; only replay_ratio diff
 Goal (issue 17): with replay, retention >= 0.9 while gain_kept >= 0.95.
 
     python bench/replay.py [--replay-ratio 0 1] [--replay-loss kl|ce] [--epochs 2] [--lr 1e-3] [--batch-size 4]
-        [--rank R] [--alpha A] [--target-modules NAME ...] [--keep DIR]
+        [--rank R] [--alpha A] [--target-modules NAME ...] [--task-subspace M] [--keep DIR]
         [--eval-max-new-tokens 32] [--max-eval-examples 100] [--training-threads 1] [--base-model ...]
 
 --eval-max-new-tokens caps every greedy generation of a job: the task's evaluation (each
@@ -106,6 +106,8 @@ def main() -> int:
     parser.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: the server's, 32)")
     parser.add_argument("--target-modules", nargs="+", default=None, metavar="NAME",
                         help="modules LoRA adapts (default: the server's, all-linear)")
+    parser.add_argument("--task-subspace", type=int, default=None, metavar="M",
+                        help="every job: LoRA A restricted to M input directions per layer (default: the server's, 0)")
     parser.add_argument("--eval-max-new-tokens", type=int, default=32)
     parser.add_argument("--max-eval-examples", type=int, default=100)
     parser.add_argument("--examples", type=int, default=None,
@@ -122,7 +124,7 @@ def main() -> int:
 
     base_model = base_model_dir(args.base_model)
     hp = dict(replay_loss=args.replay_loss, epochs=args.epochs, learning_rate=args.lr, batch_size=args.batch_size, seed=args.seed,
-              rank=args.rank, alpha=args.alpha, target_modules=args.target_modules,
+              rank=args.rank, alpha=args.alpha, target_modules=args.target_modules, task_subspace=args.task_subspace,
               eval_max_new_tokens=args.eval_max_new_tokens, max_eval_examples=args.max_eval_examples)
     runs = []
     with tempfile.TemporaryDirectory(prefix="adapterd-bench-replay-") as tmp:

@@ -1,7 +1,7 @@
 """`adapterctl train | jobs`: training jobs, and their client library.
 
     train DATA.jsonl --name N [--validation FILE | --val-split F] [--retention-file FILE]
-          [--replay-ratio R] [--replay-loss kl|ce] [--min-retention X] [--method lora|ia3|prompt-tuning|prefix-tuning]
+          [--replay-ratio R] [--replay-loss kl|ce] [--task-subspace M] [--min-retention X] [--method lora|ia3|prompt-tuning|prefix-tuning]
           [--use-dora] [--virtual-tokens N]
           [--epochs] [--lr] [--rank] [--alpha] [--dropout] [--target-modules ...]
           [--batch-size] [--grad-accum] [--max-seq-len] [--seed] [--no-early-stopping] [--wait]
@@ -127,6 +127,10 @@ def register(subparsers) -> None:
     p.add_argument("--replay-loss", default=None, metavar="kl|ce",
                    help="how replay is learned: kl, the base model's whole next-token distribution on each replay "
                    "example (self-distillation, the default), or ce, cross-entropy on its greedy answer tokens")
+    p.add_argument("--task-subspace", type=int, default=None, metavar="M",
+                   help="LoRA only: each layer's LoRA A reads its input only along the M directions where the task's "
+                   "inputs stand out most from general text's, so the adapter changes less on general prompts "
+                   "(default: 0, unrestricted)")
     p.add_argument("--min-retention", type=float, default=None, metavar="X",
                    help="fail the job, publishing nothing, when the adapter keeps less than X (0..1) of the base "
                    "model's ROUGE-L on the retention set (default: 0, no check)")
@@ -190,7 +194,7 @@ def run_train(args: argparse.Namespace) -> int:
         k: getattr(args, k) for k in (
             "epochs", "learning_rate", "rank", "alpha", "dropout", "target_modules", "batch_size", "grad_accum",
             "max_seq_len", "seed", "val_split", "warmup_ratio", "max_eval_examples", "eval_max_new_tokens",
-            "replay_ratio", "replay_loss", "min_retention", "method", "virtual_tokens",
+            "replay_ratio", "replay_loss", "min_retention", "method", "virtual_tokens", "task_subspace",
         )
     }
     with Client.from_args(args) as client:
@@ -329,7 +333,8 @@ def describe(job: pb.Job) -> str:
         f"dropout {h.dropout:g}, targets {safe(','.join(h.target_modules))}, batch {h.batch_size} x {h.grad_accum}, "
         f"max-seq-len {h.max_seq_len}, seed {h.seed}, early stopping {'off' if h.no_early_stopping else 'on'}, "
         f"method {safe(h.method or 'lora')}, replay ratio {h.replay_ratio:g}"
-        + (f" ({safe(h.replay_loss or 'kl')})" if h.replay_ratio else "") + f", min retention {h.min_retention:g}",
+        + (f" ({safe(h.replay_loss or 'kl')})" if h.replay_ratio else "")
+        + (f", task subspace {h.task_subspace}" if h.task_subspace else "") + f", min retention {h.min_retention:g}",
     ]
     if job.HasField("training"):
         t = job.training

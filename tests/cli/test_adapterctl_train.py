@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 
+import pytest
 from adapterctl.train import (
     ProgressBar,
     _hyperparameters,
@@ -90,3 +91,15 @@ def test_new_training_flags_reach_the_spec():
     h = _hyperparameters(replay_ratio=0.5, replay_loss="ce", min_retention=0.9, method="lora", use_dora=None)
     assert (h.replay_ratio, h.replay_loss, h.min_retention, h.method, h.use_dora) == (0.5, "ce", 0.9, "lora", False)
     assert not _hyperparameters().HasField("replay_ratio")  # unset: the server's default
+    assert not _hyperparameters().HasField("task_subspace")
+
+
+def test_task_subspace_flag_reaches_the_hyperparameters(capsys):
+    from adapterctl.cli import build_parser
+
+    args = build_parser().parse_args(["train", "data.jsonl", "--name", "x", "--task-subspace", "32"])
+    assert args.task_subspace == 32
+    assert _hyperparameters(task_subspace=args.task_subspace).task_subspace == 32
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--help"])
+    assert "--task-subspace M" in capsys.readouterr().out

@@ -11,6 +11,7 @@ import signal
 
 import grpc
 import pytest
+import torch
 from adapterctl import cli
 from adapterctl.client import Client
 from adapterctl.train import TrainingClient
@@ -233,6 +234,8 @@ def test_bad_validation_file_and_spec(server, tmp_path):
         ({"method": "prompt-tuning", "virtual_tokens": 500}, "--virtual-tokens must be in 1..128"),
         ({"replay_ratio": -1.0}, "--replay-ratio must be in [0, 10]"),
         ({"replay_ratio": 1.0, "replay_loss": "mse"}, "unknown --replay-loss 'mse'; one of kl, ce"),
+        ({"task_subspace": 70000}, "--task-subspace must be in 0..65536"),
+        ({"task_subspace": 8, "method": "ia3"}, "--task-subspace restricts LoRA's A matrices: it needs --method lora"),
     ):
         with pytest.raises(grpc.RpcError) as e:
             client.create(data, name="x", **kwargs)
@@ -276,6 +279,47 @@ def test_each_method_trains_publishes_its_kind_and_serves_peft_tokens(method, us
     for fname, data in server.registry.read_files(version).items():
         (saved / fname).write_bytes(data)
     monkeypatch.setattr(peft.tuners.lora.dora, "dequantize_module_weight", dense_weight)  # see test_adapter_kinds
+    model, tokenizer, _ = load_base_model(server.jobs.base_model)
+    peft_model = PeftModel.from_pretrained(model, saved).eval()
+    assert list(served.token_ids) == greedy_by_forward(peft_model, tokenizer(text)["input_ids"], 8)[1]
+
+
+def test_a_task_subspace_job_publishes_a_lora_reading_only_its_directions(server, tmp_path):
+    """--task-subspace M: the published adapter is plain LoRA, served at once with PeftModel's
+    greedy tokens, and each layer's A reads its input along M directions only: rank 4 A
+    matrices of rank M, and q, k and v of one layer (one input, one subspace) within M
+    together where unrestricted they would span 3 x 4."""
+    from adapterd.engine.model import load_base_model
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    client = TrainingClient(Client(server.addr))
+    job = client.create(pairs_file(tmp_path), name="narrow", validation=pairs_file(tmp_path), epochs=3,
+                        learning_rate=3e-3, batch_size=4, rank=4, task_subspace=2, max_eval_examples=2,
+                        eval_max_new_tokens=8)
+    events = watch(server, job.id)
+    job = client.get(job.id)
+    assert job.state == tpb.SUCCEEDED, job.error
+    assert job.hyperparameters.task_subspace == 2
+    messages = [e.message for e in events]
+    assert any(m.startswith("task subspace: the base model answers 249 general prompts") for m in messages), messages
+    assert any("task subspace: 2 input directions in each of" in m for m in messages), messages
+    meta = server.adapters.GetAdapter(apb.GetAdapterRequest(adapter=job.adapter))
+    assert meta.kind == "lora" and meta.metrics["training.task_subspace_off_subspace"] < 1e-5
+
+    saved = tmp_path / "saved"
+    saved.mkdir()
+    for fname, data in server.registry.read_files(server.registry.resolve("default", job.adapter)).items():
+        (saved / fname).write_bytes(data)
+    weights = load_file(saved / "adapter_model.safetensors")
+    a = {k: v for k, v in weights.items() if "lora_A" in k}
+    assert a and all(torch.linalg.matrix_rank(w, rtol=1e-4) == 2 for w in a.values())
+    qkv = [torch.cat([v for k, v in a.items() if f"layers.{i}.self_attn." in k and k.split(".")[-3] in
+                      ("q_proj", "k_proj", "v_proj")]) for i in range(2)]
+    assert all(w.shape[0] == 12 and torch.linalg.matrix_rank(w, rtol=1e-4) == 2 for w in qkv)
+
+    text = prompt(PAIRS[0][0])
+    served = server.inference.Generate(request(text, "narrow", max_new_tokens=8, ignore_eos=True))
     model, tokenizer, _ = load_base_model(server.jobs.base_model)
     peft_model = PeftModel.from_pretrained(model, saved).eval()
     assert list(served.token_ids) == greedy_by_forward(peft_model, tokenizer(text)["input_ids"], 8)[1]

@@ -205,6 +205,7 @@ class Hyperparameters(_message.Message):
     USE_DORA_FIELD_NUMBER: _builtins.int
     VIRTUAL_TOKENS_FIELD_NUMBER: _builtins.int
     REPLAY_LOSS_FIELD_NUMBER: _builtins.int
+    TASK_SUBSPACE_FIELD_NUMBER: _builtins.int
     epochs: _builtins.float
     """3"""
     learning_rate: _builtins.float
@@ -261,6 +262,13 @@ class Hyperparameters(_message.Message):
     distribution at every position of each replay example (self-distillation); "ce",
     cross-entropy on its greedy answer tokens. Anything else is INVALID_ARGUMENT.
     """
+    task_subspace: _builtins.int
+    """LoRA only (not DoRA): each LoRA layer's A reads its input only along this many
+    directions, those where the task's inputs carry the most energy relative to general
+    text's (the base's answers to general prompts), so the adapter changes less on general
+    prompts. 0: unrestricted (the default). The published adapter is a plain LoRA adapter.
+    0
+    """
     @_builtins.property
     def target_modules(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """"all-linear" (the default), or module names such as q_proj, v_proj."""
@@ -289,10 +297,11 @@ class Hyperparameters(_message.Message):
         use_dora: _builtins.bool = ...,
         virtual_tokens: _builtins.int | None = ...,
         replay_loss: _builtins.str = ...,
+        task_subspace: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_alpha", b"_alpha", "_batch_size", b"_batch_size", "_dropout", b"_dropout", "_epochs", b"_epochs", "_eval_max_new_tokens", b"_eval_max_new_tokens", "_grad_accum", b"_grad_accum", "_learning_rate", b"_learning_rate", "_max_eval_examples", b"_max_eval_examples", "_max_seq_len", b"_max_seq_len", "_min_retention", b"_min_retention", "_rank", b"_rank", "_replay_ratio", b"_replay_ratio", "_seed", b"_seed", "_val_split", b"_val_split", "_virtual_tokens", b"_virtual_tokens", "_warmup_ratio", b"_warmup_ratio", "alpha", b"alpha", "batch_size", b"batch_size", "dropout", b"dropout", "epochs", b"epochs", "eval_max_new_tokens", b"eval_max_new_tokens", "grad_accum", b"grad_accum", "learning_rate", b"learning_rate", "max_eval_examples", b"max_eval_examples", "max_seq_len", b"max_seq_len", "min_retention", b"min_retention", "rank", b"rank", "replay_ratio", b"replay_ratio", "seed", b"seed", "val_split", b"val_split", "virtual_tokens", b"virtual_tokens", "warmup_ratio", b"warmup_ratio"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_alpha", b"_alpha", "_batch_size", b"_batch_size", "_dropout", b"_dropout", "_epochs", b"_epochs", "_eval_max_new_tokens", b"_eval_max_new_tokens", "_grad_accum", b"_grad_accum", "_learning_rate", b"_learning_rate", "_max_eval_examples", b"_max_eval_examples", "_max_seq_len", b"_max_seq_len", "_min_retention", b"_min_retention", "_rank", b"_rank", "_replay_ratio", b"_replay_ratio", "_seed", b"_seed", "_task_subspace", b"_task_subspace", "_val_split", b"_val_split", "_virtual_tokens", b"_virtual_tokens", "_warmup_ratio", b"_warmup_ratio", "alpha", b"alpha", "batch_size", b"batch_size", "dropout", b"dropout", "epochs", b"epochs", "eval_max_new_tokens", b"eval_max_new_tokens", "grad_accum", b"grad_accum", "learning_rate", b"learning_rate", "max_eval_examples", b"max_eval_examples", "max_seq_len", b"max_seq_len", "min_retention", b"min_retention", "rank", b"rank", "replay_ratio", b"replay_ratio", "seed", b"seed", "task_subspace", b"task_subspace", "val_split", b"val_split", "virtual_tokens", b"virtual_tokens", "warmup_ratio", b"warmup_ratio"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_alpha", b"_alpha", "_batch_size", b"_batch_size", "_dropout", b"_dropout", "_epochs", b"_epochs", "_eval_max_new_tokens", b"_eval_max_new_tokens", "_grad_accum", b"_grad_accum", "_learning_rate", b"_learning_rate", "_max_eval_examples", b"_max_eval_examples", "_max_seq_len", b"_max_seq_len", "_min_retention", b"_min_retention", "_rank", b"_rank", "_replay_ratio", b"_replay_ratio", "_seed", b"_seed", "_val_split", b"_val_split", "_virtual_tokens", b"_virtual_tokens", "_warmup_ratio", b"_warmup_ratio", "alpha", b"alpha", "batch_size", b"batch_size", "dropout", b"dropout", "epochs", b"epochs", "eval_max_new_tokens", b"eval_max_new_tokens", "grad_accum", b"grad_accum", "learning_rate", b"learning_rate", "max_eval_examples", b"max_eval_examples", "max_seq_len", b"max_seq_len", "method", b"method", "min_retention", b"min_retention", "no_early_stopping", b"no_early_stopping", "rank", b"rank", "replay_loss", b"replay_loss", "replay_ratio", b"replay_ratio", "seed", b"seed", "target_modules", b"target_modules", "use_dora", b"use_dora", "val_split", b"val_split", "virtual_tokens", b"virtual_tokens", "warmup_ratio", b"warmup_ratio"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_alpha", b"_alpha", "_batch_size", b"_batch_size", "_dropout", b"_dropout", "_epochs", b"_epochs", "_eval_max_new_tokens", b"_eval_max_new_tokens", "_grad_accum", b"_grad_accum", "_learning_rate", b"_learning_rate", "_max_eval_examples", b"_max_eval_examples", "_max_seq_len", b"_max_seq_len", "_min_retention", b"_min_retention", "_rank", b"_rank", "_replay_ratio", b"_replay_ratio", "_seed", b"_seed", "_task_subspace", b"_task_subspace", "_val_split", b"_val_split", "_virtual_tokens", b"_virtual_tokens", "_warmup_ratio", b"_warmup_ratio", "alpha", b"alpha", "batch_size", b"batch_size", "dropout", b"dropout", "epochs", b"epochs", "eval_max_new_tokens", b"eval_max_new_tokens", "grad_accum", b"grad_accum", "learning_rate", b"learning_rate", "max_eval_examples", b"max_eval_examples", "max_seq_len", b"max_seq_len", "method", b"method", "min_retention", b"min_retention", "no_early_stopping", b"no_early_stopping", "rank", b"rank", "replay_loss", b"replay_loss", "replay_ratio", b"replay_ratio", "seed", b"seed", "target_modules", b"target_modules", "task_subspace", b"task_subspace", "use_dora", b"use_dora", "val_split", b"val_split", "virtual_tokens", b"virtual_tokens", "warmup_ratio", b"warmup_ratio"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__alpha: _TypeAlias = _typing.Literal["alpha"]  # noqa: Y015
     _WhichOneofArgType__alpha: _TypeAlias = _typing.Literal["_alpha", b"_alpha"]  # noqa: Y015
@@ -320,6 +329,8 @@ class Hyperparameters(_message.Message):
     _WhichOneofArgType__replay_ratio: _TypeAlias = _typing.Literal["_replay_ratio", b"_replay_ratio"]  # noqa: Y015
     _WhichOneofReturnType__seed: _TypeAlias = _typing.Literal["seed"]  # noqa: Y015
     _WhichOneofArgType__seed: _TypeAlias = _typing.Literal["_seed", b"_seed"]  # noqa: Y015
+    _WhichOneofReturnType__task_subspace: _TypeAlias = _typing.Literal["task_subspace"]  # noqa: Y015
+    _WhichOneofArgType__task_subspace: _TypeAlias = _typing.Literal["_task_subspace", b"_task_subspace"]  # noqa: Y015
     _WhichOneofReturnType__val_split: _TypeAlias = _typing.Literal["val_split"]  # noqa: Y015
     _WhichOneofArgType__val_split: _TypeAlias = _typing.Literal["_val_split", b"_val_split"]  # noqa: Y015
     _WhichOneofReturnType__virtual_tokens: _TypeAlias = _typing.Literal["virtual_tokens"]  # noqa: Y015
@@ -352,6 +363,8 @@ class Hyperparameters(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__replay_ratio) -> _WhichOneofReturnType__replay_ratio | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__seed) -> _WhichOneofReturnType__seed | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__task_subspace) -> _WhichOneofReturnType__task_subspace | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__val_split) -> _WhichOneofReturnType__val_split | None: ...
     @_typing.overload

@@ -40,6 +40,7 @@ ROUGE_FIELDS = {"rouge1": "rouge1", "rouge2": "rouge2", "rougeL": "rouge_l"}
 _OPTIONAL_FIELDS = (
     "epochs", "learning_rate", "rank", "alpha", "dropout", "batch_size", "grad_accum", "max_seq_len", "seed",
     "val_split", "warmup_ratio", "max_eval_examples", "eval_max_new_tokens", "replay_ratio", "min_retention", "virtual_tokens",
+    "task_subspace",
 )
 
 

@@ -23,6 +23,7 @@ ALL_LINEAR = "all-linear"
 # What a job trains: the adapter kinds the engine serves (--use-dora makes a lora job DoRA).
 METHODS = ("lora", "ia3", "prompt-tuning", "prefix-tuning")
 MAX_REPLAY_RATIO = 10.0
+MAX_TASK_SUBSPACE = 65536
 REPLAY_LOSSES = ("kl", "ce")  # the base's distribution, or its greedy tokens
 
 
@@ -52,6 +53,9 @@ class TrainingSpec:
     # How replay is learned: "kl", the base model's whole next-token distribution on each
     # replay example (self-distillation); "ce", cross-entropy on its greedy answer tokens.
     replay_loss: str = "kl"
+    # LoRA A restricted to this many input directions per layer, those where the task's
+    # inputs stand out most from general text's (subspace.py); 0 = unrestricted.
+    task_subspace: int = 0
     min_retention: float = 0.0  # fail the job, unpublished, when retention is below this; 0 = no check
     method: str = "lora"
     use_dora: bool = False
@@ -118,6 +122,11 @@ class TrainingSpec:
               f"--use-dora is a LoRA option (DoRA); it cannot be combined with --method {self.method}")
         _need(1 <= self.virtual_tokens <= DEFAULT_MAX_VIRTUAL_TOKENS,
               f"--virtual-tokens must be in 1..{DEFAULT_MAX_VIRTUAL_TOKENS}; got {self.virtual_tokens}")
+        _need(0 <= self.task_subspace <= MAX_TASK_SUBSPACE,
+              f"--task-subspace must be in 0..{MAX_TASK_SUBSPACE} (input directions per LoRA layer; 0 = off); "
+              f"got {self.task_subspace}")
+        _need(not self.task_subspace or (self.method == "lora" and not self.use_dora),
+              "--task-subspace restricts LoRA's A matrices: it needs --method lora without --use-dora")
 
     @property
     def kind(self) -> str:

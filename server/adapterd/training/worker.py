@@ -64,7 +64,7 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from adapterd.config import Quantization
 from adapterd.engine.model import default_device, load_base_model, parse_dtype
-from adapterd.training import evaluate, general
+from adapterd.training import evaluate, general, subspace
 from adapterd.training.data import (
     IGNORE_INDEX,
     Example,
@@ -143,6 +143,7 @@ def train(job_dir: Path, settings: dict, events: Events, cancel: threading.Event
     if cancel.is_set():
         raise Cancelled
     replay = replay_examples(model, tokenizer, spec, len(train_examples), events)
+    bases = task_bases(model, tokenizer, spec, train_examples, replay, events, cancel)
     train_examples = train_examples + replay
     if cancel.is_set():
         raise Cancelled
@@ -187,6 +188,8 @@ def train(job_dir: Path, settings: dict, events: Events, cancel: threading.Event
         dataloader_pin_memory=on_gpu,
     )
     callbacks = [EventsCallback(events, cancel)]
+    if bases:
+        callbacks.append(subspace.ProjectionCallback(bases))
     if evaluating and spec.early_stopping:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=spec.early_stopping_patience))
 
@@ -224,6 +227,9 @@ def train(job_dir: Path, settings: dict, events: Events, cancel: threading.Event
         "peak_memory_bytes": peak_memory_bytes(device),
         "replay_examples": len(replay),
     }
+    if bases:
+        stats = {**subspace.summary(bases), "off_subspace": subspace.off_subspace(model, bases)}
+        train_stats.update({f"task_subspace_{k}": v for k, v in stats.items()})  # flat: they become registry metrics
 
     adapter_dir = job_dir / "adapter"
     model.save_pretrained(adapter_dir, safe_serialization=True)
@@ -271,6 +277,41 @@ def replay_examples(model, tokenizer, spec: TrainingSpec, n_task: int, events: E
     model.train()
     cut = spec.max_seq_len
     return [replace(e, input_ids=e.input_ids[:cut], labels=e.labels[:cut]) for e in answered]
+
+
+def task_bases(model, tokenizer, spec: TrainingSpec, task: list[Example], replay: list[Example], events: Events,
+               cancel: threading.Event) -> dict:
+    """--task-subspace M: each LoRA layer's subspace (subspace.py) from the task's training
+    examples and general ones: the replay examples, or without replay the base model's
+    answers to all the replay prompts; every LoRA A projected into it. {} without."""
+    if not spec.task_subspace:
+        return {}
+    general_examples = replay
+    if not general_examples:
+        prompts = [instruction(text, tokenizer, i + 1) for i, text in enumerate(general.REPLAY)]
+        events.emit("status", message=f"task subspace: the base model answers {len(prompts)} general prompts")
+        model.eval()
+        with model.disable_adapter():
+            general_examples = evaluate.answer(model, tokenizer, prompts, max_new_tokens=spec.eval_max_new_tokens,
+                                               batch_size=max(spec.batch_size, evaluate.GENERATE_BATCH))
+        model.train()
+        general_examples = [replace(e, input_ids=e.input_ids[:spec.max_seq_len], labels=e.labels[:spec.max_seq_len])
+                            for e in general_examples]
+    events.emit("status", message=f"task subspace: measuring each LoRA layer's inputs on {len(task)} task and "
+                f"{len(general_examples)} general examples")
+
+    def check_cancel():
+        if cancel.is_set():
+            raise Cancelled
+
+    bases = subspace.task_bases(model, tokenizer, task, general_examples, spec.task_subspace,
+                                batch_size=spec.batch_size, on_batch=check_cancel)
+    subspace.project(model, bases)
+    s = subspace.summary(bases)
+    events.emit("status", message=f"task subspace: {spec.task_subspace} input directions in each of {s['layers']} "
+                f"LoRA layers; task-to-general energy ratio median {s['ratio_top_median']:.3g} at the top, "
+                f"{s['ratio_last_median']:.3g} at the last kept")
+    return bases
 
 
 class DistillationTrainer(Trainer):
