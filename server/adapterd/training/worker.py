@@ -9,7 +9,9 @@ completion tokens only, gradient checkpointing, paged 8-bit AdamW on a GPU (Adam
 CPU), early stopping on the validation loss. With --replay-ratio it first asks the base
 model general prompts (general.py) and trains on its answers beside the task: by default
 on the base's whole next-token distribution there (DistillationTrainer, --replay-loss kl),
-else on its answer tokens (ce). Then it saves the adapter and evaluates it beside the
+else on its answer tokens (ce). With --task-subspace M each LoRA A is kept in the M input
+directions where the task's inputs stand out most from general text's (subspace.py). Then
+it saves the adapter and evaluates it beside the
 base model (evaluate.py) on the validation split and the retention split (the
 --retention-file, else the built-in general set with the base model's answers as
 references). A crash or an OOM here ends this process only.
@@ -305,7 +307,7 @@ def task_bases(model, tokenizer, spec: TrainingSpec, task: list[Example], replay
             raise Cancelled
 
     bases = subspace.task_bases(model, tokenizer, task, general_examples, spec.task_subspace,
-                                batch_size=spec.batch_size, on_batch=check_cancel)
+                                batch_size=max(spec.batch_size, evaluate.GENERATE_BATCH), on_batch=check_cancel)
     subspace.project(model, bases)
     s = subspace.summary(bases)
     events.emit("status", message=f"task subspace: {spec.task_subspace} input directions in each of {s['layers']} "
