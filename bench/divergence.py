@@ -3,6 +3,9 @@ retention set (held out from training) and the replay prompts a replay job train
 Prints one JSON object per set. With --quantization Q instead of an adapter: where the base
 model stored as Q (none: float32) answers otherwise than the NF4 base the server serves, a
 change of the same model that users take as no change, to set the adapter's figures by.
+With --batch-size B the compared model answers in batches of B where the base answers in
+batches of 16 (a job's): `--quantization nf4 --batch-size 1` is the served base against
+itself, its answers changed by padding and kernel shapes alone.
 
 For each set, the first N prompts (the replay prompts in the order a job with the same
 --seed takes them), both answered greedily to --max-new-tokens as a job's evaluation does:
@@ -27,6 +30,7 @@ is what limits retention.
     python bench/divergence.py REGISTRY NAME[@V] [--prompts 48] [--seed 0]
         [--max-new-tokens 32] [--base-model ...]
     python bench/divergence.py --quantization none|int8|fp4 [--prompts 48] ...
+    python bench/divergence.py --quantization nf4 --batch-size 1 [--prompts 100] ...
 
 REGISTRY is a registry directory (`bench/replay.py --keep DIR` writes DIR/registry).
 """
@@ -57,15 +61,17 @@ def adapter_dir(registry: Path, ref: str, into: Path) -> Path:
     return into
 
 
-def divergence(base_model, other_model, tokenizer, examples, *, max_new_tokens: int) -> dict:
+def divergence(base_model, other_model, tokenizer, examples, *, max_new_tokens: int, other_batch_size: int = 0) -> dict:
     """`base_model()`, `other_model()`: context managers that give the model to run as the
-    base and as the one compared with it (a PeftModel with its adapter disabled, and on)."""
+    base and as the one compared with it (a PeftModel with its adapter disabled, and on).
+    The base answers in batches of evaluate.GENERATE_BATCH, as a job's evaluation does; the
+    other model too, or in batches of `other_batch_size`."""
     from adapterd.engine.chat import eos_token_ids
     from adapterd.training import evaluate
 
-    def answers(model_of):
+    def answers(model_of, batch_size=evaluate.GENERATE_BATCH):
         with model_of() as model, torch.no_grad():
-            return evaluate.generate_ids(model, tokenizer, examples, batch_size=evaluate.GENERATE_BATCH,
+            return evaluate.generate_ids(model, tokenizer, examples, batch_size=batch_size,
                                          max_new_tokens=max_new_tokens)
 
     def log_probs(model_of, ids: torch.Tensor) -> torch.Tensor:
@@ -74,7 +80,7 @@ def divergence(base_model, other_model, tokenizer, examples, *, max_new_tokens: 
 
     with base_model() as model:
         stops = eos_token_ids(model, tokenizer)
-    base, adapted = answers(base_model), answers(other_model)
+    base, adapted = answers(base_model), answers(other_model, other_batch_size or evaluate.GENERATE_BATCH)
     text = [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in adapted]
     references = [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in base]
     identical, margins, positions, second, stopped = 0, [], [], 0, 0
@@ -124,8 +130,12 @@ def main() -> int:
     parser.add_argument("registry", type=Path, nargs="?", help="a registry directory")
     parser.add_argument("ref", metavar="NAME[@V]", nargs="?",
                         help="the adapter (the default tenant's; default: its latest version)")
-    parser.add_argument("--quantization", choices=("none", "int8", "fp4"), default=None,
-                        help="no adapter: compare the base stored this way (none: float32) with the NF4 base")
+    parser.add_argument("--quantization", choices=("none", "int8", "fp4", "nf4"), default=None,
+                        help="no adapter: compare the base stored this way (none: float32) with the NF4 base "
+                        "(nf4: the NF4 base with itself, with --batch-size)")
+    parser.add_argument("--batch-size", type=int, default=0, metavar="B",
+                        help="the compared model answers in batches of B (default: 16, as the base and a job's "
+                        "evaluation do): other padding, other kernel shapes")
     parser.add_argument("--prompts", type=int, default=48, help="prompts per set")
     parser.add_argument("--seed", type=int, default=0, help="the job's seed: the replay prompts' order")
     parser.add_argument("--max-new-tokens", type=int, default=32, help="the job's --eval-max-new-tokens")
@@ -152,7 +162,7 @@ def main() -> int:
     model, tokenizer = load("nf4")
     model.eval()
     if args.quantization:
-        other = load(args.quantization)[0].eval()
+        other = model if args.quantization == "nf4" else load(args.quantization)[0].eval()
         base_model, other_model = partial(nullcontext, model), partial(nullcontext, other)
     else:
         with tempfile.TemporaryDirectory(prefix="adapterd-divergence-") as tmp:
@@ -173,7 +183,8 @@ def main() -> int:
     sets = {"retention": general.RETENTION[: args.prompts], "replay (trained on)": order[: args.prompts]}
     for label, prompts in sets.items():
         examples = [instruction(p, tokenizer, i + 1) for i, p in enumerate(prompts)]
-        figures = divergence(base_model, other_model, tokenizer, examples, max_new_tokens=args.max_new_tokens)
+        figures = divergence(base_model, other_model, tokenizer, examples, max_new_tokens=args.max_new_tokens,
+                             other_batch_size=args.batch_size)
         print(json.dumps({"set": label, **figures}), flush=True)
     return 0
 

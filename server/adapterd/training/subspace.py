@@ -89,7 +89,7 @@ def task_basis(c_task: torch.Tensor, c_general: torch.Tensor, size: int) -> tupl
     (sums over their token counts)."""
     d = c_general.shape[0]
     size = min(size, d)
-    general = c_general + EPS * torch.trace(c_general) / d * torch.eye(d, dtype=c_general.dtype)
+    general = c_general + EPS * torch.trace(c_general) / d * torch.eye(d, dtype=c_general.dtype, device=c_general.device)
     values, vectors = torch.linalg.eigh(general)
     whiten = vectors * values.rsqrt() @ vectors.T  # general^(-1/2), symmetric
     ratios, u = torch.linalg.eigh(whiten @ c_task @ whiten)

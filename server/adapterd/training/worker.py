@@ -272,6 +272,12 @@ def replay_examples(model, tokenizer, spec: TrainingSpec, n_task: int, events: E
     random.Random(spec.seed).shuffle(order)
     prompts = [instruction(order[i % len(order)], tokenizer, i + 1) for i in range(n)]
     events.emit("status", message=f"replay: the base model answers {n} general prompts, trained on beside the task")
+    return base_answers(model, tokenizer, spec, prompts)
+
+
+def base_answers(model, tokenizer, spec: TrainingSpec, prompts: list[Example]) -> list[Example]:
+    """`prompts` answered greedily by the base model (the adapter off), as generated, cut at
+    --max-seq-len."""
     model.eval()
     with model.disable_adapter():
         answered = evaluate.answer(model, tokenizer, prompts, batch_size=max(spec.batch_size, evaluate.GENERATE_BATCH),
@@ -292,13 +298,7 @@ def task_bases(model, tokenizer, spec: TrainingSpec, task: list[Example], replay
     if not general_examples:
         prompts = [instruction(text, tokenizer, i + 1) for i, text in enumerate(general.REPLAY)]
         events.emit("status", message=f"task subspace: the base model answers {len(prompts)} general prompts")
-        model.eval()
-        with model.disable_adapter():
-            general_examples = evaluate.answer(model, tokenizer, prompts, max_new_tokens=spec.eval_max_new_tokens,
-                                               batch_size=max(spec.batch_size, evaluate.GENERATE_BATCH))
-        model.train()
-        general_examples = [replace(e, input_ids=e.input_ids[:spec.max_seq_len], labels=e.labels[:spec.max_seq_len])
-                            for e in general_examples]
+        general_examples = base_answers(model, tokenizer, spec, prompts)
     events.emit("status", message=f"task subspace: measuring each LoRA layer's inputs on {len(task)} task and "
                 f"{len(general_examples)} general examples")
 
