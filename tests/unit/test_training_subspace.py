@@ -107,7 +107,7 @@ def test_projection_keeps_each_lora_a_in_its_subspace_through_training(peft_mode
     with torch.no_grad():
         for layer in layers.values():
             layer.lora_B["default"].weight.normal_(std=0.1)
-    callback = subspace.ProjectionCallback(bases)
+    callback = subspace.ProjectionCallback(model, bases)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     batch = collate([tokens(e, tok) for e in TASK], tok.pad_token_id)
     for _ in range(3):

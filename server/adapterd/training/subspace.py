@@ -23,7 +23,8 @@ still count as a little used, so the ratio is finite.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import statistics
+from collections.abc import Callable
 
 import torch
 from peft.tuners.lora import LoraLayer
@@ -63,12 +64,12 @@ def input_covariances(model, tokenizer, examples: list[Example], layers: dict[st
     handles = [layer.register_forward_pre_hook(hook(name)) for name, layer in layers.items()]
     was_training = model.training
     model.eval()
+    device = next(model.parameters()).device
     count = 0
     try:
         with model.disable_adapter():
             for start in range(0, len(examples), batch_size):
                 batch = collate([tokens(e, tokenizer) for e in examples[start:start + batch_size]], tokenizer.pad_token_id)
-                device = next(model.parameters()).device
                 attention = batch["attention_mask"].to(device)
                 mask[:] = [attention.bool()]
                 model(input_ids=batch["input_ids"].to(device), attention_mask=attention)
@@ -108,46 +109,53 @@ def task_bases(model, tokenizer, task: list[Example], general: list[Example], si
     return {name: task_basis(sums_task[name] / n_task, sums_general[name] / n_general, size) for name in layers}
 
 
+def _pairs(model, bases: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> list[tuple[torch.nn.Parameter, torch.Tensor]]:
+    """(LoRA A weight (r, d_in), Q as float32 on its device) for every layer named in `bases`."""
+    layers = lora_linears(model)
+    pairs = []
+    for name, (q, _) in bases.items():
+        weight = layers[name].lora_A["default"].weight
+        pairs.append((weight, q.to(device=weight.device, dtype=torch.float32)))
+    return pairs
+
+
 @torch.no_grad()
+def _project(pairs: list[tuple[torch.nn.Parameter, torch.Tensor]]) -> None:
+    for weight, q in pairs:
+        weight.copy_(((weight.float() @ q) @ q.T).to(weight.dtype))
+
+
 def project(model, bases: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
     """A <- A Q Q^T in every LoRA layer named in `bases`."""
-    layers = lora_linears(model)
-    for name, (q, _) in bases.items():
-        weight = layers[name].lora_A["default"].weight  # (r, d_in)
-        q = q.to(device=weight.device, dtype=torch.float32)
-        weight.copy_(((weight.float() @ q) @ q.T).to(weight.dtype))
+    _project(_pairs(model, bases))
 
 
 def off_subspace(model, bases: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> float:
     """The largest share of any LoRA A's norm outside its subspace (0 when projected)."""
-    layers = lora_linears(model)
     worst = 0.0
-    for name, (q, _) in bases.items():
-        weight = layers[name].lora_A["default"].weight.detach().float()
-        q = q.to(device=weight.device, dtype=torch.float32)
+    for weight, q in _pairs(model, bases):
+        weight = weight.detach().float()
         outside = weight - (weight @ q) @ q.T
         worst = max(worst, float(outside.norm() / weight.norm().clamp(min=1e-30)))
     return worst
 
 
 class ProjectionCallback(TrainerCallback):
-    """Keeps every LoRA A in its task subspace after each optimizer step."""
+    """Keeps every LoRA A of `model` in its task subspace after each optimizer step (the
+    weights and their bases looked up once, not at every step)."""
 
-    def __init__(self, bases: dict[str, tuple[torch.Tensor, torch.Tensor]]):
-        self.bases = bases
+    def __init__(self, model, bases: dict[str, tuple[torch.Tensor, torch.Tensor]]):
+        self.pairs = _pairs(model, bases)
 
-    def on_optimizer_step(self, args, state, control, model=None, **kwargs):
-        project(model, self.bases)
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        _project(self.pairs)
 
 
 def summary(bases: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict:
     """The task-to-general energy ratios the subspaces kept: the median over layers of
-    their largest and their smallest."""
-    def median(values: Iterable[float]) -> float:
-        ordered = sorted(values)
-        return ordered[len(ordered) // 2]
+    their largest and their smallest (the upper median)."""
     return {
         "layers": len(bases),
-        "ratio_top_median": median(float(r[0]) for _, r in bases.values()),
-        "ratio_last_median": median(float(r[-1]) for _, r in bases.values()),
+        "ratio_top_median": statistics.median_high(float(r[0]) for _, r in bases.values()),
+        "ratio_last_median": statistics.median_high(float(r[-1]) for _, r in bases.values()),
     }

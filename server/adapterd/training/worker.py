@@ -191,7 +191,7 @@ def train(job_dir: Path, settings: dict, events: Events, cancel: threading.Event
     )
     callbacks = [EventsCallback(events, cancel)]
     if bases:
-        callbacks.append(subspace.ProjectionCallback(bases))
+        callbacks.append(subspace.ProjectionCallback(model, bases))
     if evaluating and spec.early_stopping:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=spec.early_stopping_patience))
 
