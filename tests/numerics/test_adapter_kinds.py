@@ -3,10 +3,10 @@ Phi and Falcon: base, LoRA, DoRA, IA3 and prompt-tuning rows (and prefix tuning 
 paged engine serves the model) in one mixed batch; each row's first logits and greedy
 tokens equal PeftModel with that row's adapter alone.
 
-Both sides run bitsandbytes' plain 4-bit path (`_unpacked`): PEFT's DoRA dequantizes the
-base weight on every forward, and on a CPU where bitsandbytes repacks 4-bit weights for its
-AVX512-BF16 kernel it reads the packed bytes as the unpacked layout (its outputs there are
-wrong; see test_dense_weight_reads_packed_layers for ours).
+Both sides run bitsandbytes' plain 4-bit path (tests/engine_runs.py's `unpacked`): PEFT's
+DoRA dequantizes the base weight on every forward, and on a CPU where bitsandbytes repacks
+4-bit weights for its AVX512-BF16 kernel it reads the packed bytes as the unpacked layout
+(its outputs there are wrong; see test_dense_weight_reads_packed_layers for ours).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from adapterd.engine.sampling import SamplingParams
 from adapterd.engine.variants import dense_weight
 from adapterd.registry.validate import read_adapter
 
-from tests.engine_runs import greedy_by_forward, run_to_end
+from tests.engine_runs import greedy_by_forward, run_to_end, unpacked
 
 NEW_TOKENS = 8
 PROMPTS = [list(b"def mean(xs):"), list(b"hello there"), list(b"SELECT * FROM t")]
@@ -29,13 +29,6 @@ KINDS = {"llama": ("dora", "ia3", "prompt_tuning", "prefix_tuning"),
          "phi": ("dora", "ia3", "prompt_tuning", "prefix_tuning"),
          "falcon": ("dora", "ia3", "prompt_tuning")}  # Falcon: the padded engine, no prefixes
 
-
-def _unpacked(model):
-    """bitsandbytes' plain 4-bit path: no repacking for the CPU kernel."""
-    for m in model.modules():
-        if hasattr(m, "support_avx512bf16_for_cpu"):
-            m.support_avx512bf16_for_cpu = False
-    return model
 
 
 def _adapters(arch, model_factory, adapter_factory, kind_adapter_factory):
@@ -52,7 +45,7 @@ def _peft_reference(base, path, prompt):
     from peft import PeftModel
 
     model, _, _ = load_base_model(base)
-    model = _unpacked(model)
+    model = unpacked(model)
     if path is not None:
         model = PeftModel.from_pretrained(model, path).eval()
     return greedy_by_forward(model, prompt, NEW_TOKENS)
@@ -61,7 +54,7 @@ def _peft_reference(base, path, prompt):
 def _engine_rows(base, dirs, rows):
     """One mixed batch through the engine the model takes; rows = [(kind or None, prompt)]."""
     model, tokenizer, spec = load_base_model(base)
-    _unpacked(model)
+    unpacked(model)
     kinds = list(dirs)
     slots = inject_lora(model, num_slots=len(kinds) + 1, max_rank=16)
     for slot, kind in enumerate(kinds, start=1):

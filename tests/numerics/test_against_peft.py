@@ -1,5 +1,7 @@
 """Mixed-adapter batches on the NF4 base against PEFT itself, on Llama, Phi and Falcon
 (tests/unit/test_quantization.py runs the same check on the other --quantization choices).
+Both sides run bitsandbytes' plain 4-bit path (tests/engine_runs.py's `unpacked`), where a
+row's float32 result does not depend on the batch it is in.
 
 The PEFT way: first assert the adapters really produce different outputs, then that each
 row of a mixed batch equals PeftModel with that row's adapter (logits and greedy tokens).
@@ -15,7 +17,7 @@ from adapterd.engine.model import load_base_model
 from adapterd.engine.sampling import SamplingParams
 from adapterd.registry.validate import read_adapter
 
-from tests.engine_runs import run_to_end
+from tests.engine_runs import run_to_end, unpacked
 
 NEW_TOKENS = 16
 PROMPTS = [b"def mean(xs):", b"import numpy as np\n", b"hello", b"SELECT * FROM t WHERE", b"x = [1, 2, 3]"]
@@ -30,6 +32,7 @@ def _peft_reference(base_dir, adapter_dirs, prompt_ids, device=CPU, quantization
     from peft import PeftModel
 
     model, _, _ = load_base_model(base_dir, device=device, quantization=quantization)
+    unpacked(model)
     model.generation_config.eos_token_id = None  # compare every token; the engine runs with no EOS too
     names = [f"a{i}" for i in range(len(adapter_dirs))]
     peft_model = PeftModel.from_pretrained(model, adapter_dirs[0], adapter_name=names[0])
@@ -54,6 +57,7 @@ def _engine_run(base_dir, adapter_dirs, rows, device=CPU, quantization="nf4", ne
     """Our engine: one mixed batch, rows = [(slot, prompt_ids)]. Returns per row the first
     logits and the generated tokens."""
     model, tokenizer, spec = load_base_model(base_dir, device=device, quantization=quantization)
+    unpacked(model)
     slots = inject_lora(model, num_slots=len(adapter_dirs) + 1, max_rank=16)
     for slot, path in enumerate(adapter_dirs, start=1):
         slots.load(slot, read_adapter(path, spec, max_rank=16))

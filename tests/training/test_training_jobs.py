@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -104,6 +107,11 @@ def test_cancel_stops_a_running_job_within_a_step_and_a_queued_one_at_once(make_
     assert m.get("default", waiting.id).state == "queued"
     assert m.cancel("default", waiting.id).state == "cancelled"
 
+    # Hold the worker where it is, as the pacer does, so the steps it reported have all reached
+    # the store when the cancel is sent (a fast machine runs several tiny steps in the time an
+    # event takes to arrive); the cancel's SIGCONT lets it go on, to the end of its step.
+    os.killpg(m.running_pid(running.id), signal.SIGSTOP)
+    time.sleep(1.0)
     last_step = max(e.data["step"] for e in m.store.events(running.id) if e.type == "step")
     assert m.cancel("default", running.id).state == "running"  # it stops at the end of its step
     events = events_until(m, "default", running.id)
