@@ -30,7 +30,6 @@ KINDS = {"llama": ("dora", "ia3", "prompt_tuning", "prefix_tuning"),
          "falcon": ("dora", "ia3", "prompt_tuning")}  # Falcon: the padded engine, no prefixes
 
 
-
 def _adapters(arch, model_factory, adapter_factory, kind_adapter_factory):
     base = model_factory(arch)
     dirs = {"lora": adapter_factory(base, arch, seed=31)}
