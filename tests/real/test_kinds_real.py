@@ -23,8 +23,7 @@ from adapterd.engine.sampling import SamplingParams
 from adapterd.registry.validate import read_adapter
 
 from tests.conftest import make_kind_adapter
-from tests.engine_runs import greedy_by_forward, run_to_end
-from tests.numerics.test_adapter_kinds import _unpacked
+from tests.engine_runs import greedy_by_forward, run_to_end, unpacked
 
 pytestmark = pytest.mark.real_model
 
@@ -48,14 +47,14 @@ def _peft(base, path, ids):
     from peft import PeftModel
 
     model, _, _ = load_base_model(base)
-    model = PeftModel.from_pretrained(_unpacked(model), path).eval()
+    model = PeftModel.from_pretrained(unpacked(model), path).eval()
     return greedy_by_forward(model, ids, NEW_TOKENS)
 
 
 def test_every_kind_in_one_batch_on_smollm2(adapters):
     base, dirs = adapters
     model, tokenizer, spec = load_base_model(base)
-    _unpacked(model)
+    unpacked(model)
     slots = inject_lora(model, num_slots=len(KINDS) + 1, max_rank=16)
     for slot, kind in enumerate(KINDS, start=1):
         slots.load(slot, read_adapter(dirs[kind], spec, 16))
