@@ -31,6 +31,11 @@ is what limits retention.
         [--max-new-tokens 32] [--base-model ...]
     python bench/divergence.py --quantization none|int8|fp4 [--prompts 48] ...
     python bench/divergence.py --quantization nf4 --batch-size 1 [--prompts 100] ...
+        [--kernel job|served]
+
+--kernel job (the default) runs bitsandbytes' plain 4-bit path, as a job's evaluation does;
+served, the server's, which on CPUs with AVX512-BF16 repacks the weights for a kernel that
+rounds its outputs to bf16.
 
 REGISTRY is a registry directory (`bench/replay.py --keep DIR` writes DIR/registry).
 """
@@ -139,6 +144,10 @@ def main() -> int:
     parser.add_argument("--prompts", type=int, default=48, help="prompts per set")
     parser.add_argument("--seed", type=int, default=0, help="the job's seed: the replay prompts' order")
     parser.add_argument("--max-new-tokens", type=int, default=32, help="the job's --eval-max-new-tokens")
+    parser.add_argument("--kernel", choices=("job", "served"), default="job",
+                        help="job: bitsandbytes' plain 4-bit path, as a training job's evaluation (its "
+                        "retention) runs; served: the server's, which on CPUs with AVX512-BF16 repacks the "
+                        "weights for a kernel that rounds outputs to bf16 (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--base-model", default=None, metavar="DIR|FILE.gguf|demo",
                         help="default: SmolLM2-135M-Instruct, the server's default")
@@ -156,8 +165,13 @@ def main() -> int:
     device = torch.device("cpu")
 
     def load(quantization: str):
-        return load_base_model(base_model_dir(args.base_model), device=device,
-                               compute_dtype=parse_dtype(None, device), quantization=quantization)[:2]
+        model, tokenizer, _ = load_base_model(base_model_dir(args.base_model), device=device,
+                                              compute_dtype=parse_dtype(None, device), quantization=quantization)
+        if args.kernel == "job":  # as worker.prepare_model does
+            for module in model.modules():
+                if hasattr(module, "support_avx512bf16_for_cpu"):
+                    module.support_avx512bf16_for_cpu = False
+        return model, tokenizer
 
     model, tokenizer = load("nf4")
     model.eval()

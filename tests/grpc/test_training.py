@@ -21,6 +21,7 @@ from adapterd.engine.loop import EngineLoop
 from adapterd.registry.storage import LocalStorage
 from adapterd.registry.store import Registry, RegistryResolver
 from adapterd.training import registry_publisher
+from adapterd.training.general import REPLAY
 from adapterd.training.jobs import JobManager
 from adapterd_api.v1 import adapters_pb2 as apb
 from adapterd_api.v1 import inference_pb2 as ipb
@@ -302,7 +303,7 @@ def test_a_task_subspace_job_publishes_a_lora_reading_only_its_directions(server
     assert job.state == tpb.SUCCEEDED, job.error
     assert job.hyperparameters.task_subspace == 2
     messages = [e.message for e in events]
-    assert any(m.startswith("task subspace: the base model answers 249 general prompts") for m in messages), messages
+    assert any(m.startswith(f"task subspace: the base model answers {len(REPLAY)} general prompts") for m in messages), messages
     assert any("task subspace: 2 input directions in each of" in m for m in messages), messages
     meta = server.adapters.GetAdapter(apb.GetAdapterRequest(adapter=job.adapter))
     assert meta.kind == "lora" and meta.metrics["training.task_subspace_off_subspace"] < 1e-5
