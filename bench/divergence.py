@@ -156,7 +156,7 @@ def main() -> int:
         parser.error("give REGISTRY NAME[@V] (an adapter) or --quantization (another storage of the base), one of them")
 
     from adapterd import errors
-    from adapterd.engine.model import base_model_dir, load_base_model, parse_dtype
+    from adapterd.engine.model import base_model_dir, load_base_model, parse_dtype, unpacked
     from adapterd.training import general
     from adapterd.training.data import instruction
     from peft import PeftModel
@@ -167,11 +167,7 @@ def main() -> int:
     def load(quantization: str):
         model, tokenizer, _ = load_base_model(base_model_dir(args.base_model), device=device,
                                               compute_dtype=parse_dtype(None, device), quantization=quantization)
-        if args.kernel == "job":  # as worker.prepare_model does
-            for module in model.modules():
-                if hasattr(module, "support_avx512bf16_for_cpu"):
-                    module.support_avx512bf16_for_cpu = False
-        return model, tokenizer
+        return (unpacked(model) if args.kernel == "job" else model), tokenizer  # job: as worker.prepare_model
 
     model, tokenizer = load("nf4")
     model.eval()

@@ -6,19 +6,6 @@ from __future__ import annotations
 import torch
 
 
-def unpacked(model):
-    """bitsandbytes' plain 4-bit path on `model`: no repacking for its AVX512-BF16 CPU kernel.
-    That kernel rounds every output to bf16, so the same row computed in batches of other
-    sizes (PEFT one prompt at a time, the engine a mixed batch) can differ by a bf16 ulp in a
-    hidden value, and by 1e-3 in logits two layers on. The plain path dequantizes to float32:
-    the same row gives the same float32 result in any batch, which is what a 1e-4 comparison
-    with PEFT needs. tests/unit/test_nf4cpu.py checks the packed kernel against Linear4bit."""
-    for m in model.modules():
-        if hasattr(m, "support_avx512bf16_for_cpu"):
-            m.support_avx512bf16_for_cpu = False
-    return model
-
-
 def run_to_end(gen, requests) -> dict[str, tuple[torch.Tensor, list[int]]]:
     """{request id: (logits that chose its first token, its tokens)}; no row may fail."""
     first: dict[str, torch.Tensor] = {}

@@ -3,7 +3,7 @@ Phi and Falcon: base, LoRA, DoRA, IA3 and prompt-tuning rows (and prefix tuning 
 paged engine serves the model) in one mixed batch; each row's first logits and greedy
 tokens equal PeftModel with that row's adapter alone.
 
-Both sides run bitsandbytes' plain 4-bit path (tests/engine_runs.py's `unpacked`): PEFT's
+Both sides run bitsandbytes' plain 4-bit path (adapterd.engine.model.unpacked): PEFT's
 DoRA dequantizes the base weight on every forward, and on a CPU where bitsandbytes repacks
 4-bit weights for its AVX512-BF16 kernel it reads the packed bytes as the unpacked layout
 (its outputs there are wrong; see test_dense_weight_reads_packed_layers for ours).
@@ -15,13 +15,13 @@ import pytest
 import torch
 from adapterd.engine.generate import Generator, Request
 from adapterd.engine.lora import inject_lora
-from adapterd.engine.model import load_base_model
+from adapterd.engine.model import load_base_model, unpacked
 from adapterd.engine.paged import PagedGenerator
 from adapterd.engine.sampling import SamplingParams
 from adapterd.engine.variants import dense_weight
 from adapterd.registry.validate import read_adapter
 
-from tests.engine_runs import greedy_by_forward, run_to_end, unpacked
+from tests.engine_runs import greedy_by_forward, run_to_end
 
 NEW_TOKENS = 8
 PROMPTS = [list(b"def mean(xs):"), list(b"hello there"), list(b"SELECT * FROM t")]

@@ -1,6 +1,6 @@
 """Mixed-adapter batches on the NF4 base against PEFT itself, on Llama, Phi and Falcon
 (tests/unit/test_quantization.py runs the same check on the other --quantization choices).
-Both sides run bitsandbytes' plain 4-bit path (tests/engine_runs.py's `unpacked`), where a
+Both sides run bitsandbytes' plain 4-bit path (adapterd.engine.model.unpacked), where a
 row's float32 result does not depend on the batch it is in.
 
 The PEFT way: first assert the adapters really produce different outputs, then that each
@@ -13,11 +13,11 @@ import pytest
 import torch
 from adapterd.engine.generate import Generator, Request
 from adapterd.engine.lora import inject_lora
-from adapterd.engine.model import load_base_model
+from adapterd.engine.model import load_base_model, unpacked
 from adapterd.engine.sampling import SamplingParams
 from adapterd.registry.validate import read_adapter
 
-from tests.engine_runs import run_to_end, unpacked
+from tests.engine_runs import run_to_end
 
 NEW_TOKENS = 16
 PROMPTS = [b"def mean(xs):", b"import numpy as np\n", b"hello", b"SELECT * FROM t WHERE", b"x = [1, 2, 3]"]

@@ -17,13 +17,13 @@ import torch
 from adapterd.engine.generate import Request
 from adapterd.engine.gguf import BUNDLED_PACKAGE
 from adapterd.engine.lora import inject_lora
-from adapterd.engine.model import base_model_dir, load_base_model
+from adapterd.engine.model import base_model_dir, load_base_model, unpacked
 from adapterd.engine.paged import PagedGenerator
 from adapterd.engine.sampling import SamplingParams
 from adapterd.registry.validate import read_adapter
 
 from tests.conftest import make_kind_adapter
-from tests.engine_runs import greedy_by_forward, run_to_end, unpacked
+from tests.engine_runs import greedy_by_forward, run_to_end
 
 pytestmark = pytest.mark.real_model
 

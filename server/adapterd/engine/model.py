@@ -120,6 +120,17 @@ def load_base_model(
     return model, tokenizer, spec
 
 
+def unpacked(model):
+    """`model` on bitsandbytes' plain 4-bit path: no repacking of its 4-bit weights for the
+    AVX512-BF16 CPU kernel, which rounds every output to bf16 (so a row's result depends on
+    the batch it is computed in) and has no backward. The plain path dequantizes to the
+    compute dtype: the same row gives the same result in any batch. Returns `model`."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+    return model
+
+
 def bnb_config(quantization: Quantization, compute_dtype: torch.dtype):
     """transformers' BitsAndBytesConfig for a quantized `quantization` (not "none")."""
     from transformers import BitsAndBytesConfig

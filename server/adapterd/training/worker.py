@@ -65,7 +65,7 @@ from transformers import (
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from adapterd.config import Quantization
-from adapterd.engine.model import default_device, load_base_model, parse_dtype
+from adapterd.engine.model import default_device, load_base_model, parse_dtype, unpacked
 from adapterd.training import evaluate, general, subspace
 from adapterd.training.data import (
     IGNORE_INDEX,
@@ -362,9 +362,7 @@ def prepare_model(base_model, spec: TrainingSpec, device: torch.device, compute_
     checkpointing on, ready to train."""
     model, tokenizer, _ = load_base_model(base_model, device=device, compute_dtype=compute_dtype,
                                           quantization=quantization)
-    for module in model.modules():  # no CPU repacking, even after an evaluation: see the module docstring
-        if hasattr(module, "support_avx512bf16_for_cpu"):
-            module.support_avx512bf16_for_cpu = False
+    unpacked(model)  # no CPU repacking, even after an evaluation: see the module docstring
     model = prepare_model_for_kbit_training(
         model, use_gradient_checkpointing=checkpointing(spec), gradient_checkpointing_kwargs={"use_reentrant": False}
     )
