@@ -30,12 +30,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import random
 import shutil
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
+import torch
 from adapterd.training.spec import REPLAY_LOSSES
 from train import DATASET, Service  # bench/train.py: the service on a loopback port
 
@@ -89,7 +93,59 @@ def run_job(service: Service, data: Path, name: str, hp: dict) -> dict:
         "steps": t.steps, "stopped_early": t.stopped_early, "train_loss": t.train_loss,
         "best_eval_loss": t.best_eval_loss, "train_runtime_s": t.runtime_s, "tokens": t.tokens,
         "tokens_per_second": t.tokens_per_second, "job_wall_s": wall, "phases_s": phases,
+        "adapter": job.adapter, "adapter_scale": t.adapter_scale,
+        "shrink_trace": [k for k in phases if k.startswith("shrinking the adapter: strength") and "keeps" in k],
     }
+
+
+TEST_SEED = 1234  # which lines --test-examples holds out: fixed, so every seed's job is tested on the same ones
+
+
+def split_test(lines: list[str], n: int) -> tuple[list[str], list[str]]:
+    """(job's lines, test lines): n lines held out from every job, the same n whatever the
+    job's --seed, both in file order."""
+    held = set(random.Random(TEST_SEED).sample(range(len(lines)), n)) if n else set()
+    return [x for i, x in enumerate(lines) if i not in held], [x for i, x in enumerate(lines) if i in held]
+
+
+def score_held_out(base_model: Path, registry: Path, ref: str, test_lines: list[str], *, scale: float, threads: int,
+                   max_new_tokens: int) -> dict:
+    """The published adapter REF beside the base on the test lines no job saw, as a job's
+    evaluation scores (the job's kernel, greedy, ROUGE-L F1); where the job shrank the
+    adapter (scale < 1), the trained adapter's test score and retention too, so one job
+    shows what shrinking cost and bought."""
+    from adapterd.engine.model import load_base_model, parse_dtype, unpacked
+    from adapterd.training import evaluate, general, shrink
+    from adapterd.training.data import instruction, parse_jsonl
+    from divergence import adapter_dir
+    from peft import PeftModel
+
+    torch.set_num_threads(threads)
+    device = torch.device("cpu")
+    model, tokenizer, _ = load_base_model(base_model, device=device, compute_dtype=parse_dtype(None, device))
+    unpacked(model)  # the job's kernel: worker.prepare_model
+    with tempfile.TemporaryDirectory(prefix="adapterd-bench-replay-") as tmp:
+        model = PeftModel.from_pretrained(model.eval(), adapter_dir(registry, ref, Path(tmp))).eval()
+    test = parse_jsonl("".join(test_lines).encode(), what="test lines", tokenizer=tokenizer, max_seq_len=1024)
+    score = partial(shrink.rouge_l, model, tokenizer, batch_size=evaluate.GENERATE_BATCH, max_new_tokens=max_new_tokens)
+    with model.disable_adapter():
+        base = score(test)
+    out = {"test_examples": len(test), "test_rougeL_f1": {"adapter": score(test), "base": base}}
+    out["test_gain"] = out["test_rougeL_f1"]["adapter"] - base
+    out["test_gain_kept_of_max"] = out["test_gain"] / (1 - base)  # of all there was to gain
+    if scale < 1:
+        shrink.Strength(model).set(1 / scale)  # the adapter as trained
+        full = score(test)
+        retention = [instruction(text, tokenizer, i) for i, text in enumerate(general.RETENTION, 1)]
+        with model.disable_adapter():
+            retention = evaluate.answer(model, tokenizer, retention, batch_size=evaluate.GENERATE_BATCH,
+                                        max_new_tokens=max_new_tokens)
+        references = [e.reference for e in retention]
+        base_retention = evaluate.rouge(references, references)["rougeL"]["f1"]  # 1 but for empty answers
+        out["as_trained"] = {"test_rougeL_f1": full, "test_gain": full - base,
+                             "retention": score(retention) / base_retention}
+        out["test_gain_kept_of_trained"] = out["test_gain"] / (full - base) if full > base else None
+    return out
 
 
 def main() -> int:
@@ -109,6 +165,12 @@ def main() -> int:
                         help="modules LoRA adapts (default: the server's, all-linear)")
     parser.add_argument("--task-subspace", type=int, default=None, metavar="M",
                         help="every job: LoRA A restricted to M input directions per layer (default: the server's, 0)")
+    parser.add_argument("--shrink-to-gain", type=float, default=None, metavar="G",
+                        help="every job: shrink the trained adapter to the smallest strength keeping G of its "
+                        "validation gain (default: the server's, 0: as trained)")
+    parser.add_argument("--test-examples", type=int, default=26, metavar="N",
+                        help="lines of the dataset held out from every job (the same whatever --seed) and scored "
+                        "after it: the task gain on data that neither trained nor chose anything (0: none)")
     parser.add_argument("--eval-max-new-tokens", type=int, default=32)
     parser.add_argument("--max-eval-examples", type=int, default=100)
     parser.add_argument("--examples", type=int, default=None,
@@ -126,18 +188,24 @@ def main() -> int:
     base_model = base_model_dir(args.base_model)
     hp = dict(replay_loss=args.replay_loss, epochs=args.epochs, learning_rate=args.lr, batch_size=args.batch_size, seed=args.seed,
               rank=args.rank, alpha=args.alpha, target_modules=args.target_modules, task_subspace=args.task_subspace,
-              eval_max_new_tokens=args.eval_max_new_tokens, max_eval_examples=args.max_eval_examples)
+              shrink_to_gain=args.shrink_to_gain, eval_max_new_tokens=args.eval_max_new_tokens, max_eval_examples=args.max_eval_examples)
     runs = []
     with tempfile.TemporaryDirectory(prefix="adapterd-bench-replay-") as tmp:
         root = Path(tmp)
         data = root / "pandas_numpy.jsonl"
-        lines = DATASET.read_text().splitlines(keepends=True)
-        data.write_text("".join(lines[: args.examples]))
+        lines = DATASET.read_text().splitlines(keepends=True)[: args.examples]
+        job_lines, test_lines = split_test(lines, args.test_examples)
+        data.write_text("".join(job_lines))
         service = Service(root, base_model, ("--training-nice", str(args.training_nice),
                                              "--training-threads", str(args.training_threads)))
         try:
             for i, ratio in enumerate(args.replay_ratio):
                 runs.append(run_job(service, data, f"replay-{i}", {**hp, "replay_ratio": ratio}))
+                if test_lines:
+                    print(f"scoring {runs[-1]['adapter']} on {len(test_lines)} held-out lines", file=sys.stderr, flush=True)
+                    runs[-1].update(score_held_out(
+                        base_model, root / "registry", runs[-1]["adapter"], test_lines, scale=runs[-1]["adapter_scale"],
+                        threads=args.training_threads or os.cpu_count(), max_new_tokens=args.eval_max_new_tokens))
                 print(json.dumps(runs[-1]), file=sys.stderr, flush=True)
         finally:
             service.stop()
@@ -147,11 +215,15 @@ def main() -> int:
     for r in runs:
         if plain is not None and r is not plain:
             r["gain_kept"] = r["gain"] / plain["gain"] if plain["gain"] else None
-            r["goal_met"] = r["retention"] >= 0.9 and (r["gain_kept"] or 0) >= 0.95
+        if r is not plain and (plain is not None or test_lines):
+            kept = r.get("test_gain_kept_of_max") if test_lines else r["gain_kept"]  # held out, when there is a test split
+            r["goal_met"] = r["retention"] >= 0.9 and (kept or 0) >= 0.95
     print(json.dumps({
-        "base_model": str(base_model), "dataset": str(DATASET), "examples": len(lines[: args.examples]), **hp,
+        "base_model": str(base_model), "dataset": str(DATASET), "examples": len(lines), "test_examples": len(test_lines),
+        **hp,
         "training_threads": args.training_threads, "runs": runs,
-        "goal": "with replay: retention >= 0.9 and gain_kept >= 0.95",
+        "goal": "with replay: retention >= 0.9 and gain kept >= 0.95 (test_gain_kept_of_max with a test split, "
+                "else gain_kept)",
     }, indent=1))
     return 0
 

@@ -1,7 +1,7 @@
 """`adapterctl train | jobs`: training jobs, and their client library.
 
     train DATA.jsonl --name N [--validation FILE | --val-split F] [--retention-file FILE]
-          [--replay-ratio R] [--replay-loss kl|ce] [--task-subspace M] [--min-retention X] [--method lora|ia3|prompt-tuning|prefix-tuning]
+          [--replay-ratio R] [--replay-loss kl|ce] [--task-subspace M] [--shrink-to-gain G] [--min-retention X] [--method lora|ia3|prompt-tuning|prefix-tuning]
           [--use-dora] [--virtual-tokens N]
           [--epochs] [--lr] [--rank] [--alpha] [--dropout] [--target-modules ...]
           [--batch-size] [--grad-accum] [--max-seq-len] [--seed] [--no-early-stopping] [--wait]
@@ -131,6 +131,10 @@ def register(subparsers) -> None:
                    help="LoRA only: each layer's LoRA A reads its input only along the M directions where the task's "
                    "inputs stand out most from general text's, so the adapter changes less on general prompts "
                    "(default: 0, unrestricted)")
+    p.add_argument("--shrink-to-gain", type=float, default=None, metavar="G",
+                   help="LoRA only: after training, shrink the adapter toward the base to the smallest strength "
+                   "(1, 0.9, ..., 0.1) that keeps G (0..1) of its ROUGE-L gain on the validation split, so it "
+                   "changes less on general prompts (default: 0, as trained)")
     p.add_argument("--min-retention", type=float, default=None, metavar="X",
                    help="fail the job, publishing nothing, when the adapter keeps less than X (0..1) of the base "
                    "model's ROUGE-L on the retention set (default: 0, no check)")
@@ -195,6 +199,7 @@ def run_train(args: argparse.Namespace) -> int:
             "epochs", "learning_rate", "rank", "alpha", "dropout", "target_modules", "batch_size", "grad_accum",
             "max_seq_len", "seed", "val_split", "warmup_ratio", "max_eval_examples", "eval_max_new_tokens",
             "replay_ratio", "replay_loss", "min_retention", "method", "virtual_tokens", "task_subspace",
+            "shrink_to_gain",
         )
     }
     with Client.from_args(args) as client:
@@ -334,7 +339,8 @@ def describe(job: pb.Job) -> str:
         f"max-seq-len {h.max_seq_len}, seed {h.seed}, early stopping {'off' if h.no_early_stopping else 'on'}, "
         f"method {safe(h.method or 'lora')}, replay ratio {h.replay_ratio:g}"
         + (f" ({safe(h.replay_loss or 'kl')})" if h.replay_ratio else "")
-        + (f", task subspace {h.task_subspace}" if h.task_subspace else "") + f", min retention {h.min_retention:g}",
+        + (f", task subspace {h.task_subspace}" if h.task_subspace else "")
+        + (f", shrink to gain {h.shrink_to_gain:g}" if h.shrink_to_gain else "") + f", min retention {h.min_retention:g}",
     ]
     if job.HasField("training"):
         t = job.training
@@ -344,6 +350,7 @@ def describe(job: pb.Job) -> str:
             + (f", best validation loss {t.best_eval_loss:.4f}" if t.HasField("best_eval_loss") else "")
             + f", {t.tokens_per_second:.0f} tokens/s, peak memory {t.peak_memory_bytes / 2**20:.0f} MiB"
             + (f", {t.replay_examples} replay examples" if t.replay_examples else "")
+            + (f", shrunk to strength {t.adapter_scale:g}" if 0 < t.adapter_scale < 1 else "")
         )
     if job.HasField("retention"):
         lines.append(f"retention    {job.retention:.3f} of the base model's ROUGE-L F1 on the general prompts")

@@ -103,3 +103,14 @@ def test_task_subspace_flag_reaches_the_hyperparameters(capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["train", "--help"])
     assert "--task-subspace M" in capsys.readouterr().out
+
+
+def test_shrink_to_gain_flag_reaches_the_hyperparameters(capsys):
+    from adapterctl.cli import build_parser
+
+    args = build_parser().parse_args(["train", "data.jsonl", "--name", "x", "--shrink-to-gain", "0.95"])
+    assert _hyperparameters(shrink_to_gain=args.shrink_to_gain).shrink_to_gain == 0.95
+    assert not _hyperparameters().HasField("shrink_to_gain")  # unset: the server's default, as trained
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--help"])
+    assert "--shrink-to-gain G" in capsys.readouterr().out

@@ -237,6 +237,10 @@ def test_bad_validation_file_and_spec(server, tmp_path):
         ({"replay_ratio": 1.0, "replay_loss": "mse"}, "unknown --replay-loss 'mse'; one of kl, ce"),
         ({"task_subspace": 70000}, "--task-subspace must be in 0..65536"),
         ({"task_subspace": 8, "method": "ia3"}, "--task-subspace restricts LoRA's A matrices: it needs --method lora"),
+        ({"shrink_to_gain": 2.0}, "--shrink-to-gain must be in [0, 1]"),
+        ({"shrink_to_gain": 0.9, "method": "prompt-tuning"}, "--shrink-to-gain scales LoRA's B matrices"),
+        ({"shrink_to_gain": 0.9, "val_split": 0.0},
+         "--shrink-to-gain chooses the adapter's strength on the validation split, and there is none"),
     ):
         with pytest.raises(grpc.RpcError) as e:
             client.create(data, name="x", **kwargs)
@@ -321,6 +325,48 @@ def test_a_task_subspace_job_publishes_a_lora_reading_only_its_directions(server
 
     text = prompt(PAIRS[0][0])
     served = server.inference.Generate(request(text, "narrow", max_new_tokens=8, ignore_eos=True))
+    model, tokenizer, _ = load_base_model(server.jobs.base_model)
+    peft_model = PeftModel.from_pretrained(model, saved).eval()
+    assert list(served.token_ids) == greedy_by_forward(peft_model, tokenizer(text)["input_ids"], 8)[1]
+
+
+def test_a_shrink_to_gain_job_publishes_the_shrunk_adapter_and_serves_it(server, tmp_path):
+    """--shrink-to-gain G: the job walks the strengths down from 1 on the validation split,
+    reports each and the one chosen, and publishes that adapter: a plain LoRA adapter,
+    served at once with PeftModel's greedy tokens."""
+    from adapterctl.train import describe
+    from adapterd.engine.model import load_base_model
+    from adapterd.training.shrink import SCALES
+    from peft import PeftModel
+
+    client = TrainingClient(Client(server.addr))
+    job = client.create(pairs_file(tmp_path), name="shrunk", validation=pairs_file(tmp_path), epochs=10,
+                        learning_rate=1e-2, batch_size=4, rank=4, no_early_stopping=True, shrink_to_gain=0.5,
+                        max_eval_examples=12, eval_max_new_tokens=8)
+    messages = [e.message for e in watch(server, job.id)]
+    job = client.get(job.id)
+    assert job.state == tpb.SUCCEEDED, job.error
+    assert job.hyperparameters.shrink_to_gain == 0.5
+    scale = job.training.adapter_scale
+    assert scale in SCALES
+    assert f"shrinking the adapter: chose strength {scale:g} (at least 0.5 of the validation gain kept)" in messages
+    walked = [m for m in messages if m.startswith("shrinking the adapter: strength") and "keeps" in m]
+    kept = [float(m.split("keeps ")[1].split("%")[0]) / 100 for m in walked]
+    # Every strength taken keeps at least half the gain; the walk stops at the first that does not.
+    assert len(walked) == round((1 - scale) * 10) + (scale > SCALES[-1])
+    assert all(k >= 0.5 for k in kept[: round((1 - scale) * 10)]) and (scale == SCALES[-1] or kept[-1] < 0.5)
+    validation = next(e for e in job.evaluation if e.split == "validation")
+    assert validation.adapter.rouge_l.f1 > validation.base.rouge_l.f1  # a gain, and some of it kept
+    assert (f"shrunk to strength {scale:g}" in describe(job)) == (scale < 1)
+
+    meta = server.adapters.GetAdapter(apb.GetAdapterRequest(adapter=job.adapter))
+    assert meta.kind == "lora"
+    text = prompt(PAIRS[0][0])
+    served = server.inference.Generate(request(text, "shrunk", max_new_tokens=8, ignore_eos=True))
+    saved = tmp_path / "saved"
+    saved.mkdir()
+    for fname, data in server.registry.read_files(server.registry.resolve("default", job.adapter)).items():
+        (saved / fname).write_bytes(data)
     model, tokenizer, _ = load_base_model(server.jobs.base_model)
     peft_model = PeftModel.from_pretrained(model, saved).eval()
     assert list(served.token_ids) == greedy_by_forward(peft_model, tokenizer(text)["input_ids"], 8)[1]

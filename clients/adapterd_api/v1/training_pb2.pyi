@@ -206,6 +206,7 @@ class Hyperparameters(_message.Message):
     VIRTUAL_TOKENS_FIELD_NUMBER: _builtins.int
     REPLAY_LOSS_FIELD_NUMBER: _builtins.int
     TASK_SUBSPACE_FIELD_NUMBER: _builtins.int
+    SHRINK_TO_GAIN_FIELD_NUMBER: _builtins.int
     epochs: _builtins.float
     """3"""
     learning_rate: _builtins.float
@@ -269,6 +270,14 @@ class Hyperparameters(_message.Message):
     prompts. 0: unrestricted (the default). The published adapter is a plain LoRA adapter.
     0
     """
+    shrink_to_gain: _builtins.float
+    """LoRA only (not DoRA): after training, the adapter is shrunk toward the base (its B
+    matrices scaled by s < 1) to the smallest strength s of 1, 0.9, ..., 0.1 whose
+    ROUGE-L F1 gain over the base on the validation split is still at least this share of
+    the trained adapter's; smaller changes on general prompts. 0: as trained (the default).
+    Outside [0, 1] is INVALID_ARGUMENT.
+    0
+    """
     @_builtins.property
     def target_modules(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """"all-linear" (the default), or module names such as q_proj, v_proj."""
@@ -298,10 +307,11 @@ class Hyperparameters(_message.Message):
         virtual_tokens: _builtins.int | None = ...,
         replay_loss: _builtins.str = ...,
         task_subspace: _builtins.int | None = ...,
+        shrink_to_gain: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_alpha", b"_alpha", "_batch_size", b"_batch_size", "_dropout", b"_dropout", "_epochs", b"_epochs", "_eval_max_new_tokens", b"_eval_max_new_tokens", "_grad_accum", b"_grad_accum", "_learning_rate", b"_learning_rate", "_max_eval_examples", b"_max_eval_examples", "_max_seq_len", b"_max_seq_len", "_min_retention", b"_min_retention", "_rank", b"_rank", "_replay_ratio", b"_replay_ratio", "_seed", b"_seed", "_task_subspace", b"_task_subspace", "_val_split", b"_val_split", "_virtual_tokens", b"_virtual_tokens", "_warmup_ratio", b"_warmup_ratio", "alpha", b"alpha", "batch_size", b"batch_size", "dropout", b"dropout", "epochs", b"epochs", "eval_max_new_tokens", b"eval_max_new_tokens", "grad_accum", b"grad_accum", "learning_rate", b"learning_rate", "max_eval_examples", b"max_eval_examples", "max_seq_len", b"max_seq_len", "min_retention", b"min_retention", "rank", b"rank", "replay_ratio", b"replay_ratio", "seed", b"seed", "task_subspace", b"task_subspace", "val_split", b"val_split", "virtual_tokens", b"virtual_tokens", "warmup_ratio", b"warmup_ratio"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_alpha", b"_alpha", "_batch_size", b"_batch_size", "_dropout", b"_dropout", "_epochs", b"_epochs", "_eval_max_new_tokens", b"_eval_max_new_tokens", "_grad_accum", b"_grad_accum", "_learning_rate", b"_learning_rate", "_max_eval_examples", b"_max_eval_examples", "_max_seq_len", b"_max_seq_len", "_min_retention", b"_min_retention", "_rank", b"_rank", "_replay_ratio", b"_replay_ratio", "_seed", b"_seed", "_shrink_to_gain", b"_shrink_to_gain", "_task_subspace", b"_task_subspace", "_val_split", b"_val_split", "_virtual_tokens", b"_virtual_tokens", "_warmup_ratio", b"_warmup_ratio", "alpha", b"alpha", "batch_size", b"batch_size", "dropout", b"dropout", "epochs", b"epochs", "eval_max_new_tokens", b"eval_max_new_tokens", "grad_accum", b"grad_accum", "learning_rate", b"learning_rate", "max_eval_examples", b"max_eval_examples", "max_seq_len", b"max_seq_len", "min_retention", b"min_retention", "rank", b"rank", "replay_ratio", b"replay_ratio", "seed", b"seed", "shrink_to_gain", b"shrink_to_gain", "task_subspace", b"task_subspace", "val_split", b"val_split", "virtual_tokens", b"virtual_tokens", "warmup_ratio", b"warmup_ratio"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_alpha", b"_alpha", "_batch_size", b"_batch_size", "_dropout", b"_dropout", "_epochs", b"_epochs", "_eval_max_new_tokens", b"_eval_max_new_tokens", "_grad_accum", b"_grad_accum", "_learning_rate", b"_learning_rate", "_max_eval_examples", b"_max_eval_examples", "_max_seq_len", b"_max_seq_len", "_min_retention", b"_min_retention", "_rank", b"_rank", "_replay_ratio", b"_replay_ratio", "_seed", b"_seed", "_task_subspace", b"_task_subspace", "_val_split", b"_val_split", "_virtual_tokens", b"_virtual_tokens", "_warmup_ratio", b"_warmup_ratio", "alpha", b"alpha", "batch_size", b"batch_size", "dropout", b"dropout", "epochs", b"epochs", "eval_max_new_tokens", b"eval_max_new_tokens", "grad_accum", b"grad_accum", "learning_rate", b"learning_rate", "max_eval_examples", b"max_eval_examples", "max_seq_len", b"max_seq_len", "method", b"method", "min_retention", b"min_retention", "no_early_stopping", b"no_early_stopping", "rank", b"rank", "replay_loss", b"replay_loss", "replay_ratio", b"replay_ratio", "seed", b"seed", "target_modules", b"target_modules", "task_subspace", b"task_subspace", "use_dora", b"use_dora", "val_split", b"val_split", "virtual_tokens", b"virtual_tokens", "warmup_ratio", b"warmup_ratio"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_alpha", b"_alpha", "_batch_size", b"_batch_size", "_dropout", b"_dropout", "_epochs", b"_epochs", "_eval_max_new_tokens", b"_eval_max_new_tokens", "_grad_accum", b"_grad_accum", "_learning_rate", b"_learning_rate", "_max_eval_examples", b"_max_eval_examples", "_max_seq_len", b"_max_seq_len", "_min_retention", b"_min_retention", "_rank", b"_rank", "_replay_ratio", b"_replay_ratio", "_seed", b"_seed", "_shrink_to_gain", b"_shrink_to_gain", "_task_subspace", b"_task_subspace", "_val_split", b"_val_split", "_virtual_tokens", b"_virtual_tokens", "_warmup_ratio", b"_warmup_ratio", "alpha", b"alpha", "batch_size", b"batch_size", "dropout", b"dropout", "epochs", b"epochs", "eval_max_new_tokens", b"eval_max_new_tokens", "grad_accum", b"grad_accum", "learning_rate", b"learning_rate", "max_eval_examples", b"max_eval_examples", "max_seq_len", b"max_seq_len", "method", b"method", "min_retention", b"min_retention", "no_early_stopping", b"no_early_stopping", "rank", b"rank", "replay_loss", b"replay_loss", "replay_ratio", b"replay_ratio", "seed", b"seed", "shrink_to_gain", b"shrink_to_gain", "target_modules", b"target_modules", "task_subspace", b"task_subspace", "use_dora", b"use_dora", "val_split", b"val_split", "virtual_tokens", b"virtual_tokens", "warmup_ratio", b"warmup_ratio"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__alpha: _TypeAlias = _typing.Literal["alpha"]  # noqa: Y015
     _WhichOneofArgType__alpha: _TypeAlias = _typing.Literal["_alpha", b"_alpha"]  # noqa: Y015
@@ -329,6 +339,8 @@ class Hyperparameters(_message.Message):
     _WhichOneofArgType__replay_ratio: _TypeAlias = _typing.Literal["_replay_ratio", b"_replay_ratio"]  # noqa: Y015
     _WhichOneofReturnType__seed: _TypeAlias = _typing.Literal["seed"]  # noqa: Y015
     _WhichOneofArgType__seed: _TypeAlias = _typing.Literal["_seed", b"_seed"]  # noqa: Y015
+    _WhichOneofReturnType__shrink_to_gain: _TypeAlias = _typing.Literal["shrink_to_gain"]  # noqa: Y015
+    _WhichOneofArgType__shrink_to_gain: _TypeAlias = _typing.Literal["_shrink_to_gain", b"_shrink_to_gain"]  # noqa: Y015
     _WhichOneofReturnType__task_subspace: _TypeAlias = _typing.Literal["task_subspace"]  # noqa: Y015
     _WhichOneofArgType__task_subspace: _TypeAlias = _typing.Literal["_task_subspace", b"_task_subspace"]  # noqa: Y015
     _WhichOneofReturnType__val_split: _TypeAlias = _typing.Literal["val_split"]  # noqa: Y015
@@ -363,6 +375,8 @@ class Hyperparameters(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__replay_ratio) -> _WhichOneofReturnType__replay_ratio | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__seed) -> _WhichOneofReturnType__seed | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__shrink_to_gain) -> _WhichOneofReturnType__shrink_to_gain | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__task_subspace) -> _WhichOneofReturnType__task_subspace | None: ...
     @_typing.overload
@@ -503,6 +517,7 @@ class TrainingStats(_message.Message):
     TOKENS_PER_SECOND_FIELD_NUMBER: _builtins.int
     PEAK_MEMORY_BYTES_FIELD_NUMBER: _builtins.int
     REPLAY_EXAMPLES_FIELD_NUMBER: _builtins.int
+    ADAPTER_SCALE_FIELD_NUMBER: _builtins.int
     steps: _builtins.int
     stopped_early: _builtins.bool
     train_loss: _builtins.float
@@ -514,6 +529,10 @@ class TrainingStats(_message.Message):
     """The worker's peak memory: GPU memory allocated on a GPU, resident set on the CPU."""
     replay_examples: _builtins.int
     """Replay examples trained on beside the task examples (Hyperparameters.replay_ratio)."""
+    adapter_scale: _builtins.float
+    """The strength the published adapter was shrunk to (Hyperparameters.shrink_to_gain); 1:
+    as trained.
+    """
     def __init__(
         self,
         *,
@@ -526,10 +545,11 @@ class TrainingStats(_message.Message):
         tokens_per_second: _builtins.float = ...,
         peak_memory_bytes: _builtins.int = ...,
         replay_examples: _builtins.int = ...,
+        adapter_scale: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_best_eval_loss", b"_best_eval_loss", "best_eval_loss", b"best_eval_loss"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_best_eval_loss", b"_best_eval_loss", "best_eval_loss", b"best_eval_loss", "peak_memory_bytes", b"peak_memory_bytes", "replay_examples", b"replay_examples", "runtime_s", b"runtime_s", "steps", b"steps", "stopped_early", b"stopped_early", "tokens", b"tokens", "tokens_per_second", b"tokens_per_second", "train_loss", b"train_loss"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_best_eval_loss", b"_best_eval_loss", "adapter_scale", b"adapter_scale", "best_eval_loss", b"best_eval_loss", "peak_memory_bytes", b"peak_memory_bytes", "replay_examples", b"replay_examples", "runtime_s", b"runtime_s", "steps", b"steps", "stopped_early", b"stopped_early", "tokens", b"tokens", "tokens_per_second", b"tokens_per_second", "train_loss", b"train_loss"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__best_eval_loss: _TypeAlias = _typing.Literal["best_eval_loss"]  # noqa: Y015
     _WhichOneofArgType__best_eval_loss: _TypeAlias = _typing.Literal["_best_eval_loss", b"_best_eval_loss"]  # noqa: Y015

@@ -40,7 +40,7 @@ ROUGE_FIELDS = {"rouge1": "rouge1", "rouge2": "rouge2", "rougeL": "rouge_l"}
 _OPTIONAL_FIELDS = (
     "epochs", "learning_rate", "rank", "alpha", "dropout", "batch_size", "grad_accum", "max_seq_len", "seed",
     "val_split", "warmup_ratio", "max_eval_examples", "eval_max_new_tokens", "replay_ratio", "min_retention", "virtual_tokens",
-    "task_subspace",
+    "task_subspace", "shrink_to_gain",
 )
 
 
@@ -151,7 +151,7 @@ def job_message(job: Job) -> pb.Job:
             steps=t.get("steps", 0), stopped_early=t.get("stopped_early", False), train_loss=t.get("train_loss", 0.0),
             runtime_s=t.get("train_runtime_s", 0.0), tokens=int(t.get("tokens", 0)),
             tokens_per_second=t.get("tokens_per_second", 0.0), peak_memory_bytes=int(t.get("peak_memory_bytes", 0)),
-            replay_examples=int(t.get("replay_examples", 0)),
+            replay_examples=int(t.get("replay_examples", 0)), adapter_scale=t.get("adapter_scale", 1.0),
         ))
         if t.get("best_eval_loss") is not None:
             msg.training.best_eval_loss = t["best_eval_loss"]

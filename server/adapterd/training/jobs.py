@@ -287,6 +287,9 @@ class JobManager:
             val = parse(validation, "validation file")
         else:
             train, val = data.split_validation(train, spec.val_split, spec.seed)
+        if spec.shrink_to_gain and not val:
+            raise InvalidArgument("--shrink-to-gain chooses the adapter's strength on the validation split, and "
+                                  "there is none: send --validation FILE or keep --val-split above 0")
         retain = parse(retention, "retention file") if retention is not None else []
         job_dir.mkdir(parents=True)
         for name, examples in (("train", train), ("validation", val), ("retention", retain)):

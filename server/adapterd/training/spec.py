@@ -56,6 +56,9 @@ class TrainingSpec:
     # LoRA A restricted to this many input directions per layer, those where the task's
     # inputs stand out most from general text's (subspace.py); 0 = unrestricted.
     task_subspace: int = 0
+    # After training, the LoRA adapter shrunk to the smallest strength that keeps this share
+    # of its validation ROUGE-L gain over the base (shrink.py); 0 = as trained.
+    shrink_to_gain: float = 0.0
     min_retention: float = 0.0  # fail the job, unpublished, when retention is below this; 0 = no check
     method: str = "lora"
     use_dora: bool = False
@@ -127,6 +130,11 @@ class TrainingSpec:
               f"got {self.task_subspace}")
         _need(not self.task_subspace or (self.method == "lora" and not self.use_dora),
               "--task-subspace restricts LoRA's A matrices: it needs --method lora without --use-dora")
+        _need(math.isfinite(self.shrink_to_gain) and 0 <= self.shrink_to_gain <= 1,
+              "--shrink-to-gain must be in [0, 1] (the share of the validation gain the shrunk adapter keeps; "
+              f"0 = off); got {self.shrink_to_gain}")
+        _need(not self.shrink_to_gain or (self.method == "lora" and not self.use_dora),
+              "--shrink-to-gain scales LoRA's B matrices: it needs --method lora without --use-dora")
 
     @property
     def kind(self) -> str:

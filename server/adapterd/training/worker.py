@@ -10,8 +10,9 @@ CPU), early stopping on the validation loss. With --replay-ratio it first asks t
 model general prompts (general.py) and trains on its answers beside the task: by default
 on the base's whole next-token distribution there (DistillationTrainer, --replay-loss kl),
 else on its answer tokens (ce). With --task-subspace M each LoRA A is kept in the M input
-directions where the task's inputs stand out most from general text's (subspace.py). Then
-it saves the adapter and evaluates it beside the
+directions where the task's inputs stand out most from general text's (subspace.py). With
+--shrink-to-gain G the trained LoRA adapter is scaled down to the smallest strength that
+keeps G of its validation gain (shrink.py). Then it saves the adapter and evaluates it beside the
 base model (evaluate.py) on the validation split and the retention split (the
 --retention-file, else the built-in general set with the base model's answers as
 references). A crash or an OOM here ends this process only.
@@ -66,7 +67,7 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from adapterd.config import Quantization
 from adapterd.engine.model import default_device, load_base_model, parse_dtype, unpacked
-from adapterd.training import evaluate, general, subspace
+from adapterd.training import evaluate, general, shrink, subspace
 from adapterd.training.data import (
     IGNORE_INDEX,
     Example,
@@ -233,6 +234,13 @@ def train(job_dir: Path, settings: dict, events: Events, cancel: threading.Event
         stats = {**subspace.summary(bases), "off_subspace": subspace.off_subspace(model, bases)}
         train_stats.update({f"task_subspace_{k}": v for k, v in stats.items()})  # flat: they become registry metrics
 
+    if spec.shrink_to_gain:  # before saving: the published adapter is the shrunk one
+        shrunk = shrink.shrink(model, tokenizer, val_examples[: spec.max_eval_examples], spec.shrink_to_gain,
+                               batch_size=spec.batch_size, max_new_tokens=spec.eval_max_new_tokens,
+                               on_progress=lambda message: events.emit("status", message=message))
+        if cancel.is_set():
+            raise Cancelled
+        train_stats["adapter_scale"] = shrunk["scale"]
     adapter_dir = job_dir / "adapter"
     model.save_pretrained(adapter_dir, safe_serialization=True)
     shutil.rmtree(job_dir / "checkpoints", ignore_errors=True)
