@@ -10,20 +10,33 @@ For each job (same data, split, seed and hyperparameters; only replay_ratio diff
                           retention set (general.py; the base model's own greedy answers as
                           references, so the base scores 1) over the base's
     gain_kept             (replay jobs) this job's gain over the no-replay job's gain
+    adapter_scale         the strength --shrink-to-gain chose (1: as trained), and shrink_trace,
+                          the job's message for each strength tried
 
-Goal (issue 17): with replay, retention >= 0.9 while gain_kept >= 0.95. On SmolLM2, --replay-ratio 1
---task-subspace 4 --target-modules down_proj met it on seeds 0 and 1 and not on seed 2 (0.883).
+--test-examples N (26 by default) holds N lines of the dataset out of every job (the same N
+whatever --seed) and scores each published adapter and the base on them afterwards, as a
+job's evaluation does: data that neither trained the adapter nor chose its strength.
+
+    test_rougeL_f1, test_gain        adapter and base on them, and the difference
+    test_gain_kept_of_max            test_gain / (1 - the base's): of all there was to gain
+    as_trained                       (shrunk adapters) the adapter at strength 1: its test
+                                     score and gain, and its retention, so one job shows
+                                     what shrinking cost and bought
+    test_gain_kept_of_trained        test_gain over as_trained's
+
+Goal (issue 17): with replay, retention >= 0.9 while the gain kept is >= 0.95 (held out:
+test_gain_kept_of_max, with a test split; else gain_kept).
 
     python bench/replay.py [--replay-ratio 0 1] [--replay-loss kl|ce] [--epochs 2] [--lr 1e-3] [--batch-size 4]
-        [--rank R] [--alpha A] [--target-modules NAME ...] [--task-subspace M] [--seed 0] [--keep DIR]
-        [--eval-max-new-tokens 32] [--max-eval-examples 100] [--training-threads 1] [--base-model ...]
+        [--rank R] [--alpha A] [--target-modules NAME ...] [--task-subspace M] [--shrink-to-gain G] [--seed 0]
+        [--test-examples 26] [--keep DIR] [--eval-max-new-tokens 32] [--max-eval-examples 100]
+        [--training-threads 1] [--base-model ...]
 
 --eval-max-new-tokens caps every greedy generation of a job: the task's evaluation (each
 reference is one line of code), the base model's reference answers on the retention set,
 and the replay examples' answers. 32 (the walk-through's setting, not the server's 128)
 keeps a replay job under an hour on 2 CPU cores at 1 thread. --max-eval-examples takes the
-first N prompts of the retention set (the task's held-out split is 26 examples). Progress
-goes to stderr.
+first N prompts of the retention set. Progress goes to stderr.
 """
 
 from __future__ import annotations
