@@ -234,22 +234,20 @@ def train(job_dir: Path, settings: dict, events: Events, cancel: threading.Event
         stats = {**subspace.summary(bases), "off_subspace": subspace.off_subspace(model, bases)}
         train_stats.update({f"task_subspace_{k}": v for k, v in stats.items()})  # flat: they become registry metrics
 
+    def progress(message: str) -> None:
+        if cancel.is_set():
+            raise Cancelled
+        events.emit("status", message=message)
+
     if spec.shrink_to_gain:  # before saving: the published adapter is the shrunk one
         shrunk = shrink.shrink(model, tokenizer, val_examples[: spec.max_eval_examples], spec.shrink_to_gain,
                                batch_size=spec.batch_size, max_new_tokens=spec.eval_max_new_tokens,
-                               on_progress=lambda message: events.emit("status", message=message))
-        if cancel.is_set():
-            raise Cancelled
+                               on_progress=progress)  # a cancel stops it between strengths
         train_stats["adapter_scale"] = shrunk["scale"]
     adapter_dir = job_dir / "adapter"
     model.save_pretrained(adapter_dir, safe_serialization=True)
     shutil.rmtree(job_dir / "checkpoints", ignore_errors=True)
     events.emit("status", message="adapter saved" + (" (best validation loss; stopped early)" if stopped_early else ""))
-
-    def progress(message: str) -> None:
-        if cancel.is_set():
-            raise Cancelled
-        events.emit("status", message=message)
 
     # Without a validation split, score on (some of) the task's training data, named as such.
     eval_split = "validation" if evaluating else "train"
