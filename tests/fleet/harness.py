@@ -129,10 +129,17 @@ class Fleet:
             self.wait_rejoined(name)
         return t0
 
-    def wait_rejoined(self, name: str, timeout: float = 90) -> None:
+    def wait_rejoined(self, name: str, timeout: float = 90, adapter: str | None = None) -> None:
+        """Until the health sidecar marks `name` up again; with `adapter` (one the ring places
+        on it), until a call for it is served there too: nginx applies the sidecar's change
+        on a graceful reload, a moment after the file is written, and until then its old
+        worker routes around the replica."""
         addr = self.replicas[name]["addr"]
         wait_for(lambda: self.alive(name) and addr not in self.down(), timeout, f"{name} back in the balancer")
         assert self.alive(name), f"{name} exited; its log ends: {self.replicas[name]['log']}"
+        if adapter is not None:
+            wait_for(lambda: set(self.placement([adapter], per_adapter=1)[adapter]) == {name}, 30,
+                     f"the balancer to route {adapter} to {name}", every=0.1)
 
     def ensure_all_up(self) -> None:
         for name in self.replicas:

@@ -247,7 +247,7 @@ def test_kill_9_under_200_concurrent_calls(fleet):
                 assert d.generate("x", adapter=f"{name}@{version}", max_new_tokens=1).adapter == f"{name}@{version}"
 
     # Restarted, it rejoins: the balancer routes its adapters to it again.
-    fleet.wait_rejoined(victim)
+    fleet.wait_rejoined(victim, adapter=mine[0])
     rejoin_s = time.monotonic() - restarted
     assert _listing(fleet, victim) == listings[0]
     again = fleet.placement(mine, per_adapter=2)
